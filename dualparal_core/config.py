@@ -1,0 +1,240 @@
+"""Frozen, picklable configuration of the engine: the model's shape, the block layout, a sampling job.
+
+Every check a user can trip lives here and raises a sentence that names the input, the value and what would
+work, so that the node layer, the CLI and the workers all refuse bad input the same way before any GPU work.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+#: Samplers the engine implements, named as ComfyUI's KSampler names them.
+SAMPLER_NAMES: tuple[str, ...] = ("euler", "uni_pc", "uni_pc_bh2", "dpmpp_2m")
+#: How the initial noise of each block is drawn (DESIGN §2 "Coordinated noise").
+NOISE_MODES: tuple[str, ...] = ("coordinated", "independent")
+#: Compute dtypes a user may pick.
+DTYPES: tuple[str, ...] = ("bf16", "fp16", "fp32")
+
+
+@dataclass(frozen=True)
+class WanConfig:
+    """Shape of a Wan2.1/2.2 text-to-video transformer, inferred from a checkpoint's tensors."""
+
+    dim: int = 1536
+    """Model width (1.3B: 1536, 14B: 5120; any multiple of 128 for test models)."""
+    ffn_dim: int = 8960
+    """Feed-forward width."""
+    num_layers: int = 30
+    """Number of transformer blocks."""
+    num_heads: int = 12
+    """Attention heads; Wan uses head dim 128, so dim // 128."""
+    in_channels: int = 16
+    """Latent channels in (Wan2.1 VAE: 16)."""
+    out_channels: int = 16
+    """Latent channels out."""
+    text_dim: int = 4096
+    """Width of the text encoder's output (umt5-xxl: 4096)."""
+    freq_dim: int = 256
+    """Width of the sinusoidal timestep features."""
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    """Patch size (t, h, w) of the patch embedding."""
+    eps: float = 1e-6
+    """Epsilon of the layer norms."""
+    cross_attn_norm: bool = True
+    """Whether cross-attention has a learned norm before it (always true for Wan T2V)."""
+    rope_max_seq_len: int = 1024
+    """Length of the precomputed RoPE tables."""
+
+    def __post_init__(self) -> None:
+        if self.dim <= 0 or self.dim % 128:
+            raise ValueError(f"Model width dim={self.dim} is not a positive multiple of 128 (Wan's head dim).")
+        if self.num_heads * 128 != self.dim:
+            raise ValueError(f"num_heads={self.num_heads} does not match dim={self.dim}: Wan uses dim // 128 heads.")
+        if self.num_layers < 1:
+            raise ValueError(f"num_layers={self.num_layers} must be at least 1.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def diffusers_kwargs(self) -> dict:
+        """Keyword arguments for diffusers' ``WanTransformer3DModel`` with this shape."""
+        return dict(
+            patch_size=tuple(self.patch_size),
+            num_attention_heads=self.num_heads,
+            attention_head_dim=self.head_dim,
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            text_dim=self.text_dim,
+            freq_dim=self.freq_dim,
+            ffn_dim=self.ffn_dim,
+            num_layers=self.num_layers,
+            cross_attn_norm=self.cross_attn_norm,
+            qk_norm="rms_norm_across_heads",
+            eps=self.eps,
+            rope_max_seq_len=self.rope_max_seq_len,
+        )
+
+    @classmethod
+    def tiny(cls, dim: int = 128, num_layers: int = 3, ffn_dim: int = 256, text_dim: int = 64) -> WanConfig:
+        """A tiny random-weights shape for tests and the demo (one head of 128)."""
+        return cls(dim=dim, ffn_dim=ffn_dim, num_layers=num_layers, num_heads=dim // 128, text_dim=text_dim,
+                   freq_dim=32)
+
+    @classmethod
+    def wan21_1_3b(cls) -> WanConfig:
+        return cls(dim=1536, ffn_dim=8960, num_layers=30, num_heads=12)
+
+    @classmethod
+    def wan21_14b(cls) -> WanConfig:
+        return cls(dim=5120, ffn_dim=13824, num_layers=40, num_heads=40)
+
+
+def split_layers(num_layers: int, world_size: int) -> list[range]:
+    """Balanced contiguous layer slices, one per rank (earlier ranks take the remainder)."""
+    if world_size < 1:
+        raise ValueError(f"world_size={world_size} must be at least 1.")
+    if world_size > num_layers:
+        raise ValueError(
+            f"{world_size} ranks for a model of {num_layers} layers: every rank needs at least one layer. "
+            f"Use at most {num_layers} GPUs/ranks.")
+    base, extra = divmod(num_layers, world_size)
+    out, start = [], 0
+    for r in range(world_size):
+        n = base + (1 if r < extra else 0)
+        out.append(range(start, start + n))
+        start += n
+    return out
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """How the latent frames are cut into blocks (DESIGN §2 "Blocks")."""
+
+    num_frames: int
+    """T, latent frames of the video."""
+    num_per_block: int = 8
+    """P, own frames of every block after the first."""
+    num_cat: int = 8
+    """K, context frames taken from each neighbour (0 disables context)."""
+
+    def __post_init__(self) -> None:
+        if self.num_frames < 1:
+            raise ValueError(f"The latent has {self.num_frames} frames; it needs at least 1.")
+        if self.num_per_block < 1:
+            raise ValueError(f"num_per_block={self.num_per_block} must be at least 1 latent frame (8 is usual).")
+        if self.num_cat < 0 or self.num_cat > self.num_per_block:
+            raise ValueError(
+                f"num_cat={self.num_cat} must lie between 0 and num_per_block={self.num_per_block} "
+                f"(context frames come from one neighbouring block).")
+
+    @property
+    def blocks(self) -> list[tuple[int, int]]:
+        """Own frame span [start, end) of each block; B_0 takes P+K frames, later blocks P (the last may be short)."""
+        first = min(self.num_frames, self.num_per_block + self.num_cat)
+        spans = [(0, first)]
+        start = first
+        while start < self.num_frames:
+            end = min(start + self.num_per_block, self.num_frames)
+            spans.append((start, end))
+            start = end
+        return spans
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def input_span(self, j: int) -> tuple[int, int]:
+        """Frames [start, end) fed to the model for block j: K left-context frames, then its own."""
+        start, end = self.blocks[j]
+        return (start - self.num_cat if j > 0 else start, end)
+
+    def right_context_frames(self, j: int) -> int:
+        """How many of block j's own frames its older neighbour (j-1) attends to as right context."""
+        start, end = self.blocks[j]
+        return min(self.num_cat, end - start)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """One sampling job's settings (everything but tensors)."""
+
+    sigmas: tuple[float, ...]
+    """The sigma table sigma[0..S], descending, sigma[S] normally 0; computed by ComfyUI's scheduler code."""
+    sampler: str = "euler"
+    """Sampler name, one of SAMPLER_NAMES."""
+    cfg: float = 5.0
+    """Classifier-free guidance scale; 1.0 skips the unconditional pass."""
+    seed: int = 0
+    """Noise seed (ComfyUI-compatible for noise_mode='independent')."""
+    noise_mode: str = "coordinated"
+    """'coordinated' (a P+K template reshuffled per block) or 'independent' (KSampler's noise)."""
+    num_per_block: int = 8
+    """P, frames per block."""
+    num_cat: int = 8
+    """K, context frames."""
+    add_noise: bool = True
+    """Whether to add noise to the initial latent (False: the latent is already noisy, as KSamplerAdvanced)."""
+
+    def __post_init__(self) -> None:
+        s = self.sigmas
+        if len(s) < 2:
+            raise ValueError(f"sigmas has {len(s)} entries; it needs at least 2 (one step). Use steps >= 1.")
+        if any(not math.isfinite(v) or v < 0 for v in s):
+            raise ValueError(f"sigmas {list(s)} has a negative or non-finite value.")
+        if any(b > a for a, b in zip(s, s[1:])):
+            raise ValueError(f"sigmas {list(s)} must be non-increasing.")
+        if self.sampler not in SAMPLER_NAMES:
+            raise ValueError(f"sampler_name={self.sampler!r} is not supported; choose one of {list(SAMPLER_NAMES)}.")
+        if self.noise_mode not in NOISE_MODES:
+            raise ValueError(f"noise_mode={self.noise_mode!r} is not supported; choose one of {list(NOISE_MODES)}.")
+        if not math.isfinite(self.cfg) or self.cfg < 0:
+            raise ValueError(f"cfg={self.cfg} must be a finite number >= 0 (1.0 disables guidance).")
+        BlockLayout(1, self.num_per_block, self.num_cat)  # validates P and K
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    @property
+    def use_cfg(self) -> bool:
+        return self.cfg != 1.0
+
+    def layout(self, num_frames: int) -> BlockLayout:
+        return BlockLayout(num_frames, self.num_per_block, self.num_cat)
+
+    def with_(self, **kw) -> SamplingConfig:
+        return replace(self, **kw)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Deadlines of the worker group, in seconds."""
+
+    startup: float = 600.0
+    """From spawn until every rank has loaded its weights and reported ready."""
+    step: float = 300.0
+    """Longest silence allowed from a busy group (no progress event) before it is declared hung."""
+    close_grace: float = 5.0
+    """After SIGTERM, how long to wait before SIGKILL."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a worker reads its weights: checkpoint file(s) on disk, or a tiny random model built from a seed."""
+
+    path: str | None = None
+    """A .safetensors diffusion-model file (ComfyUI, original Wan or diffusers keys)."""
+    random_config: WanConfig | None = None
+    """Build random weights of this shape instead of reading a file (demo, tests, benchmarks)."""
+    random_seed: int = 0
+    """Seed of the random weights."""
+    low_noise_path: str | None = None
+    """Second expert (Wan2.2 A14B low-noise), optional."""
+    loras: tuple[tuple[str, float, str], ...] = field(default_factory=tuple)
+    """(file, strength, expert) LoRAs merged into each rank's slice."""
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.random_config is None):
+            raise ValueError("ModelSource needs exactly one of path= (a checkpoint file) or random_config=.")

@@ -1,0 +1,212 @@
+"""One rank's job loop over the DualParal schedule; with one rank it is the single-process reference engine.
+
+Rank 0 holds the latents, embeds each block-step's input window, runs its layers and the per-block sampler steps;
+middle ranks run their layers; the last rank applies the head and CFG and returns the velocity of the block's own
+frames to rank 0. Every rank walks :class:`~dualparal_core.schedule.Schedule` items in the same order, which is what
+lets each keep the right-context K/V of the previous item locally (it never leaves the rank that owns the layers).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+import torch
+
+from .comm import HEADER_STOP, Pipe
+from .model import WanStage
+from .noise import initial_noise
+from .protocol import Job, pad_contexts
+from .samplers import make_sampler
+from .schedule import Item, Schedule
+
+#: progress(done_block_steps, total_block_steps, x0_preview_or_None)
+ProgressFn = Callable[[int, int, "torch.Tensor | None"], None]
+
+
+class JobCancelled(Exception):
+    """The job was cancelled; the group is idle and ready for the next one."""
+
+
+class RankEngine:
+    """Runs jobs on one rank. ``pipe`` is None for a single process owning every layer."""
+
+    def __init__(self, stage: WanStage, pipe: Pipe | None = None, max_in_flight: int | None = None):
+        self.stage = stage
+        self.pipe = pipe
+        self.rank = 0 if pipe is None else pipe.rank
+        self.world = 1 if pipe is None else pipe.world
+        if (self.rank == 0) != stage.has_embed or (self.rank == self.world - 1) != stage.has_head:
+            raise ValueError("stage/rank mismatch: rank 0 must hold the embedding and the last rank the head.")
+        self.max_in_flight = max_in_flight or self.world
+        self.jobs_run = 0
+
+    # ------------------------------------------------------------------ job set-up (every rank)
+    def _prepare(self, job: Job) -> None:
+        sc = job.sampling
+        self.job, self.sc = job, sc
+        self.layout = sc.layout(job.shape[2])
+        self.schedule = Schedule(self.layout, sc.steps)
+        self.cfg_batch = 2 if sc.use_cfg else 1
+        ctx = job.cond
+        if sc.use_cfg:
+            ctx = torch.cat(pad_contexts(job.cond, job.uncond), dim=0)
+        self.text = self.stage.prepare_text(ctx)
+        pt, ph, pw = self.stage.config.patch_size
+        self.hw = (job.shape[3] // ph) * (job.shape[4] // pw)
+        self.grid_hw = (job.shape[3] // ph, job.shape[4] // pw)
+        self._tcache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._right = None
+
+    def _temb(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Modulation for a step's timestep (sigma * 1000), computed once per job and step on every rank."""
+        if step not in self._tcache:
+            t = torch.full((self.cfg_batch,), float(self.sc.sigmas[step]) * 1000.0, dtype=torch.float32)
+            self._tcache[step] = self.stage.time_embed(t)
+        return self._tcache[step]
+
+    def _window(self, item: Item) -> tuple[int, int, int]:
+        """(input frames, left-context frames, own frames) of an item's window."""
+        s0, e0 = self.layout.input_span(item.block)
+        own_s, own_e = self.layout.blocks[item.block]
+        return e0 - s0, own_s - s0, own_e - own_s
+
+    def _layers(self, item: Item, h: torch.Tensor) -> torch.Tensor:
+        """This rank's layers for one item, reading and leaving the right-context cache."""
+        frames, ctx, _ = self._window(item)
+        right = self._right if (item.right_ctx and self.sc.num_cat > 0) else None
+        nxt = item.index + 1
+        keep = None
+        if self.sc.num_cat > 0 and nxt < len(self.schedule) and self.schedule.items[nxt].right_ctx:
+            keep = (ctx * self.hw, self.layout.right_context_frames(item.block) * self.hw)
+        h, self._right = self.stage.blocks_forward(h, self._temb(item.step)[0], self.text,
+                                                   (frames, *self.grid_hw), right=right, keep=keep)
+        return h
+
+    def _head(self, item: Item, h: torch.Tensor) -> torch.Tensor:
+        """Velocity [1, C, own, H, W] float32 of the item's own frames, CFG applied."""
+        _, ctx, own = self._window(item)
+        v = self.stage.head(h[:, ctx * self.hw:], self._temb(item.step)[1], (own, *self.grid_hw))
+        if self.cfg_batch == 2:
+            v = v[1:2] + self.sc.cfg * (v[0:1] - v[1:2])
+        return v
+
+    # ------------------------------------------------------------------ public entry
+    def run_job(self, job: Job, progress: ProgressFn | None = None,
+                cancelled: Callable[[], bool] | None = None) -> torch.Tensor | None:
+        """Run a job on this rank. Rank 0 returns the latents [B, C, T, H, W] (float32, CPU); others None.
+
+        Raises JobCancelled on every rank when rank 0 saw ``cancelled()`` turn true (checked every block-step).
+        """
+        job.validate(self.stage.config)
+        self._prepare(job)
+        self.jobs_run += 1
+        try:
+            if self.rank != 0:
+                for _ in range(job.shape[0]):
+                    self._serve_video()
+                return None
+            return self._lead(job, progress, cancelled or (lambda: False))
+        finally:
+            self._right = None
+            self.text = None
+            if self.pipe is not None:
+                self.pipe.flush()
+
+    # ------------------------------------------------------------------ rank 0
+    def _lead(self, job: Job, progress: ProgressFn | None, cancelled: Callable[[], bool]) -> torch.Tensor:
+        B = job.shape[0]
+        sc = self.sc
+        sigma0 = float(sc.sigmas[0])
+        noise = job.noise if job.noise is not None else initial_noise(job.shape, self.layout, sc.seed,
+                                                                      sc.noise_mode)
+        latent = job.latent if job.latent is not None else torch.zeros(job.shape)
+        out = torch.empty(job.shape, dtype=torch.float32)
+        total = job.num_block_steps
+        done = 0
+        for b in range(B):
+            x0 = latent[b:b + 1].float()
+            x = sigma0 * noise[b:b + 1].float() + (1.0 - sigma0) * x0 if sc.add_noise else x0.clone()
+            x = x.to(self.stage.device)
+            for info in self._sample_video(x, cancelled):
+                done += 1
+                if progress is not None:
+                    progress(done, total, info)
+            out[b:b + 1] = x.cpu()
+        return out
+
+    def _sample_video(self, x: torch.Tensor, cancelled: Callable[[], bool]):
+        """Denoise one video in place; yields after every block-step (the x0 of that block when previews are on)."""
+        sched, sc, layout = self.schedule, self.sc, self.layout
+        samplers = [make_sampler(sc.sampler, torch.tensor(sc.sigmas, dtype=torch.float64))
+                    for _ in range(layout.num_blocks)]
+        items = sched.items
+        finished = [False] * len(items)
+        pending: deque[tuple[int, object]] = deque()
+        nxt = 0
+        for _ in range(len(items)):
+            while (nxt < len(items) and len(pending) < self.max_in_flight
+                   and all(finished[d] for d in sched.deps(items[nxt]))):
+                pending.append((nxt, self._issue(items[nxt], x)))
+                nxt += 1
+            idx, handle = pending.popleft()
+            item = items[idx]
+            v = self._collect(handle)
+            own_s, own_e = layout.blocks[item.block]
+            xo = x[:, :, own_s:own_e]
+            sigma = float(sc.sigmas[item.step])
+            denoised = xo - sigma * v
+            x[:, :, own_s:own_e] = samplers[item.block].step(xo, denoised)
+            finished[idx] = True
+            yield denoised.cpu() if self.job.preview else None
+            if cancelled():
+                while pending:
+                    self._collect(pending.popleft()[1])
+                if self.pipe is not None and self.world > 1:
+                    self.pipe.send_next(HEADER_STOP)
+                raise JobCancelled("cancelled")
+
+    def _issue(self, item: Item, x: torch.Tensor):
+        s0, e0 = self.layout.input_span(item.block)
+        h = self.stage.embed(x[:, :, s0:e0])
+        if self.cfg_batch == 2:
+            h = h.expand(2, -1, -1).contiguous()
+        if self.world == 1:
+            return self._head(item, self._layers(item, h))
+        _, _, own = self._window(item)
+        handle = self.pipe.irecv_last((1, x.shape[1], own, x.shape[3], x.shape[4]))
+        self.pipe.send_next(item.index, self._layers(item, h))
+        return handle
+
+    def _collect(self, handle) -> torch.Tensor:
+        if isinstance(handle, torch.Tensor):
+            return handle
+        work, buf = handle
+        work.wait()
+        return buf
+
+    # ------------------------------------------------------------------ ranks 1..N-1
+    def _serve_video(self) -> None:
+        c = self.stage.config
+        for item in self.schedule.items:
+            idx = self.pipe.recv_header()
+            if idx == HEADER_STOP:
+                if not self.pipe.is_last:
+                    self.pipe.send_next(HEADER_STOP)
+                raise JobCancelled("cancelled")
+            if idx != item.index:
+                raise RuntimeError(f"rank {self.rank} expected block-step {item.index}, got {idx}: "
+                                   f"the ranks disagree on the schedule.")
+            frames, _, _ = self._window(item)
+            h = self.pipe.recv_prev((self.cfg_batch, frames * self.hw, c.dim), self.stage.dtype)
+            h = self._layers(item, h)
+            if self.pipe.is_last:
+                self.pipe.send_first(self._head(item, h).contiguous())
+            else:
+                self.pipe.send_next(item.index, h)
+
+
+def run_single_process(stage: WanStage, job: Job, progress: ProgressFn | None = None,
+                       cancelled: Callable[[], bool] | None = None) -> torch.Tensor:
+    """The reference: the whole block schedule in one process on a stage that owns every layer."""
+    return RankEngine(stage).run_job(job, progress, cancelled)

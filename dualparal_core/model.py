@@ -1,0 +1,262 @@
+"""One pipeline stage of the Wan transformer with DualParal's two-sided context attention.
+
+The weights live in diffusers' own modules (``WanTransformerBlock``, ``WanTimeTextImageEmbedding``), so their key
+names are diffusers' and a stage loads a slice of a diffusers state dict as is. The forward is ours: self-attention
+can attend to a right-context K/V cache left by the next-newer block, text K/V are computed once per job, and all
+attention goes through :func:`attention` whose backend is switchable.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import WanConfig
+
+#: Attention backends :func:`attention` understands.
+ATTENTION_BACKENDS: tuple[str, ...] = ("sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
+    """Non-causal attention. q [B, H, Lq, d], k/v [B, H, Lk, d] -> [B, H, Lq, d]."""
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kind = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+            "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa_math": SDPBackend.MATH}.get(backend)
+    if kind is None:
+        raise ValueError(f"attention={backend!r} is not supported; choose one of {list(ATTENTION_BACKENDS)}.")
+    with sdpa_kernel(kind):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def rope_tables(config: WanConfig, frames: int, h: int, w: int, device, first_frame: int = 0):
+    """RoPE cos/sin [1, frames*h*w, 1, head_dim] for a window of ``frames`` latent frames whose first frame has
+    temporal position ``first_frame`` (positions are local to the window, never absolute in the video)."""
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+    d = config.head_dim
+    hd = wd = 2 * (d // 6)
+    td = d - hd - wd
+    out = []
+    for part in ("cos", "sin"):
+        tabs = []
+        for dim, n, axis in ((td, first_frame + frames, 0), (hd, h, 1), (wd, w, 2)):
+            c, s = get_1d_rotary_pos_embed(dim, max(n, 1), 10000.0, use_real=True, repeat_interleave_real=True,
+                                           freqs_dtype=torch.float64)
+            t = (c if part == "cos" else s)
+            if axis == 0:
+                t = t[first_frame:first_frame + frames]
+            shape = [1, 1, 1, dim]
+            shape[axis] = t.shape[0]
+            tabs.append(t.view(*shape).expand(frames, h, w, dim))
+        out.append(torch.cat(tabs, dim=-1).reshape(1, frames * h * w, 1, d).to(device=device, dtype=torch.float32))
+    return out[0], out[1]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x0, x1) of x [B, L, H, d] by the angles of cos/sin [1, L, 1, d] (diffusers' Wan convention)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+@dataclass
+class TextKV:
+    """Cross-attention keys/values of one job, per layer: {layer: (k, v)} each [b, H, L_text, d]."""
+
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
+class WanStage(nn.Module):
+    """Layers ``layers`` of a Wan transformer, plus the patch embedding (``embed``) and/or the head (``head``).
+
+    Every stage holds the time and text embedders (small) and computes them itself, so only hidden states travel.
+    """
+
+    def __init__(self, config: WanConfig, layers: range, *, embed: bool, head: bool,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 attention_backend: str = "sdpa"):
+        super().__init__()
+        from diffusers.models.transformers.transformer_wan import WanTimeTextImageEmbedding, WanTransformerBlock
+
+        if attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention={attention_backend!r} is not supported; "
+                             f"choose one of {list(ATTENTION_BACKENDS)}.")
+        if layers.start < 0 or layers.stop > config.num_layers or len(layers) < 1:
+            raise ValueError(f"layers {layers} do not fit a model of {config.num_layers} layers.")
+        self.config, self.layers, self.has_embed, self.has_head = config, layers, embed, head
+        self.dtype, self.attention_backend = dtype, attention_backend
+        c = config
+        with torch.device("meta"):
+            self.condition_embedder = WanTimeTextImageEmbedding(
+                dim=c.dim, time_freq_dim=c.freq_dim, time_proj_dim=c.dim * 6, text_embed_dim=c.text_dim)
+            self.blocks = nn.ModuleDict({
+                str(i): WanTransformerBlock(c.dim, c.ffn_dim, c.num_heads, "rms_norm_across_heads",
+                                            c.cross_attn_norm, c.eps) for i in layers})
+            if embed:
+                self.patch_embedding = nn.Conv3d(c.in_channels, c.dim, kernel_size=c.patch_size,
+                                                 stride=c.patch_size)
+            if head:
+                self.proj_out = nn.Linear(c.dim, c.out_channels * c.patch_size[0] * c.patch_size[1]
+                                          * c.patch_size[2])
+                self.scale_shift_table = nn.Parameter(torch.empty(1, 2, c.dim))
+        self.to_empty(device=device)
+        self._cast_params()
+        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rope(self, frames: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached RoPE tables for a window of ``frames`` frames starting at temporal position 0."""
+        key = (frames, h, w)
+        if key not in self._rope_cache:
+            self._rope_cache[key] = rope_tables(self.config, frames, h, w, self.device)
+        return self._rope_cache[key]
+
+    # ------------------------------------------------------------------ weights
+    #: As diffusers' ``_keep_in_fp32_modules``: these modules keep float32 weights in every compute dtype.
+    FP32_MODULES = frozenset({"time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"})
+
+    @classmethod
+    def _keeps_fp32(cls, name: str) -> bool:
+        return any(part in cls.FP32_MODULES for part in name.split("."))
+
+    def _cast_params(self) -> None:
+        for name, p in self.named_parameters():
+            want = torch.float32 if self._keeps_fp32(name) else self.dtype
+            if p.dtype != want:
+                p.data = p.data.to(want)
+
+    def load_weights(self, sd: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Load diffusers-named weights (absolute block indices); keys of other stages are ignored."""
+        own = self.state_dict()
+        missing = [k for k in own if k not in sd]
+        if strict and missing:
+            raise ValueError(f"Weights for layers {self.layers} are missing {len(missing)} tensors, e.g. "
+                             f"{missing[:3]}; the checkpoint does not match the model shape {self.config}.")
+        with torch.no_grad():
+            for k, p in own.items():
+                if k in sd:
+                    if tuple(sd[k].shape) != tuple(p.shape):
+                        raise ValueError(f"Tensor {k} has shape {tuple(sd[k].shape)}, expected {tuple(p.shape)}.")
+                    p.copy_(sd[k].to(device=p.device, dtype=p.dtype))
+
+    @torch.no_grad()
+    def init_random(self, seed: int = 0, std: float = 0.02) -> None:
+        """Random weights, each tensor seeded by (seed, name): the same model whatever the layer split."""
+        for name, p in self.named_parameters():
+            g = torch.Generator(device=p.device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32) * 0.01)
+            elif "norm" in name and p.ndim == 1:
+                p.copy_(1 + torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32) * 0.1)
+            else:
+                fan_in = p.shape[-1] if p.ndim > 1 else p.numel()
+                s = std if p.ndim != 2 else min(std, fan_in ** -0.5)
+                p.copy_(torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32) * s)
+
+    # ------------------------------------------------------------------ per-job / per-step embeddings
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @torch.no_grad()
+    def time_embed(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """timestep [b] (sigma * 1000) -> (modulation [b, 6, dim] float32, temb [b, dim]) as diffusers computes."""
+        ce = self.condition_embedder
+        t = ce.timesteps_proj(timestep.to(self.device))
+        t = t.to(next(ce.time_embedder.parameters()).dtype)
+        temb = ce.time_embedder(t).to(self.dtype)
+        tproj = ce.time_proj(ce.act_fn(temb)).unflatten(1, (6, -1))
+        return tproj.float(), temb
+
+    @torch.no_grad()
+    def prepare_text(self, context: torch.Tensor) -> TextKV:
+        """context [b, L, text_dim] -> per-layer cross-attention K/V, computed once per job."""
+        emb = self.condition_embedder.text_embedder(context.to(self.device, self.dtype))
+        kv = {}
+        for i in self.layers:
+            a = self.blocks[str(i)].attn2
+            k = a.norm_k(a.to_k(emb)).unflatten(2, (a.heads, -1)).transpose(1, 2)
+            v = a.to_v(emb).unflatten(2, (a.heads, -1)).transpose(1, 2)
+            kv[i] = (k.contiguous(), v.contiguous())
+        return TextKV(kv)
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """x [b, C, F, H, W] latent (normalised) -> hidden [b, F*h*w, dim]."""
+        h = self.patch_embedding(x.to(self.device, self.dtype))
+        return h.flatten(2).transpose(1, 2).contiguous()
+
+    # ------------------------------------------------------------------ transformer layers
+    @torch.no_grad()
+    def blocks_forward(self, h: torch.Tensor, tproj: torch.Tensor, text: TextKV, grid: tuple[int, int, int],
+                       right: dict | None = None, keep: tuple[int, int] | None = None,
+                       ) -> tuple[torch.Tensor, dict | None]:
+        """Run this stage's layers.
+
+        Args:
+            h: [b, L, dim] hidden states of the block's input window (left context + own frames), L = F*h*w.
+            tproj: [b, 6, dim] modulation from :meth:`time_embed`.
+            grid: (F, h, w) tokens of the window.
+            right: {layer: (k, v)} raw projected K/V [b, R, dim] of the next-newer block's first frames, or None.
+            keep: (start, length) token range of this window whose raw K/V the older neighbour will need, or None.
+        Returns: hidden states, and the cache {layer: (k, v)} for the older neighbour (None if ``keep`` is None).
+        """
+        F_, gh, gw = grid
+        r_frames = 0 if right is None else next(iter(right.values()))[0].shape[1] // (gh * gw)
+        cos, sin = self.rope(F_ + r_frames, gh, gw)
+        L = F_ * gh * gw
+        cache = {} if keep is not None else None
+        for i in self.layers:
+            r = None if right is None else right[i]
+            h, kv = self._layer(self.blocks[str(i)], h, tproj, text.kv[i], cos, sin, L, r, keep)
+            if cache is not None:
+                cache[i] = kv
+        return h, cache
+
+    def _layer(self, blk, h, tproj, text_kv, cos, sin, L, right, keep):
+        shift, scale, gate, c_shift, c_scale, c_gate = (blk.scale_shift_table + tproj).chunk(6, dim=1)
+        x = (blk.norm1(h.float()) * (1 + scale) + shift).type_as(h)
+        a = blk.attn1
+        q, k, v = a.to_q(x), a.to_k(x), a.to_v(x)
+        saved = None
+        if keep is not None:
+            s, n = keep
+            saved = (k[:, s:s + n].contiguous(), v[:, s:s + n].contiguous())
+        if right is not None:
+            k = torch.cat([k, right[0]], dim=1)
+            v = torch.cat([v, right[1]], dim=1)
+        q = apply_rope(a.norm_q(q).unflatten(2, (a.heads, -1)), cos[:, :L], sin[:, :L])
+        k = apply_rope(a.norm_k(k).unflatten(2, (a.heads, -1)), cos[:, :k.shape[1]], sin[:, :k.shape[1]])
+        v = v.unflatten(2, (a.heads, -1))
+        o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.attention_backend)
+        o = a.to_out[0](o.transpose(1, 2).flatten(2).type_as(q))
+        h = (h.float() + o * gate).type_as(h)
+        # cross-attention with the job's precomputed text K/V
+        x = blk.norm2(h.float()).type_as(h)
+        c = blk.attn2
+        q = c.norm_q(c.to_q(x)).unflatten(2, (c.heads, -1)).transpose(1, 2)
+        o = attention(q, text_kv[0], text_kv[1], self.attention_backend)
+        h = h + c.to_out[0](o.transpose(1, 2).flatten(2).type_as(q))
+        x = (blk.norm3(h.float()) * (1 + c_scale) + c_shift).type_as(h)
+        h = (h.float() + blk.ffn(x).float() * c_gate).type_as(h)
+        return h, saved
+
+    # ------------------------------------------------------------------ head
+    @torch.no_grad()
+    def head(self, h: torch.Tensor, temb: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """h [b, F*h*w, dim] (own frames only) -> velocity [b, C_out, F, H, W] float32."""
+        shift, scale = (self.scale_shift_table + temb.float().unsqueeze(1)).chunk(2, dim=1)
+        x = (F.layer_norm(h.float(), (h.shape[-1],), eps=self.config.eps) * (1 + scale) + shift).type_as(h)
+        x = self.proj_out(x)
+        pt, ph, pw = self.config.patch_size
+        f, gh, gw = grid
+        b = x.shape[0]
+        x = x.reshape(b, f, gh, gw, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.flatten(6, 7).flatten(4, 5).flatten(2, 3).float()
