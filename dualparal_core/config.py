@@ -238,3 +238,35 @@ class ModelSource:
     def __post_init__(self) -> None:
         if (self.path is None) == (self.random_config is None):
             raise ValueError("ModelSource needs exactly one of path= (a checkpoint file) or random_config=.")
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """What a worker group runs: the model, the devices (one rank each), the compute dtype and attention backend."""
+
+    source: ModelSource
+    """Where the weights come from."""
+    devices: tuple[str, ...] = ("cpu", "cpu")
+    """One torch device string per rank, e.g. ("cuda:0", "cuda:1") or ("cpu", "cpu", "cpu")."""
+    dtype: str = "bf16"
+    """Compute dtype, one of DTYPES."""
+    attention: str = "sdpa"
+    """Attention backend (see dualparal_core.model.ATTENTION_BACKENDS)."""
+    max_in_flight: int | None = None
+    """Block-steps rank 0 keeps in flight (default: the number of ranks)."""
+
+    def __post_init__(self) -> None:
+        if not self.devices:
+            raise ValueError("devices is empty; give at least one device (e.g. 'cuda:0' or 'cpu').")
+        kinds = {d.split(":")[0] for d in self.devices}
+        if not kinds <= {"cpu", "cuda"} or len(kinds) != 1:
+            raise ValueError(f"devices={list(self.devices)}: use only CUDA GPUs ('cuda:N') or only CPU ranks ('cpu').")
+        cuda = [d for d in self.devices if d.startswith("cuda")]
+        if len(set(cuda)) != len(cuda):
+            raise ValueError(f"devices={list(self.devices)} lists a GPU twice; each rank needs its own GPU.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not supported; choose one of {list(DTYPES)}.")
+
+    @property
+    def world_size(self) -> int:
+        return len(self.devices)
