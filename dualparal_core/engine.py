@@ -138,8 +138,11 @@ class RankEngine:
     def _sample_video(self, x: torch.Tensor, cancelled: Callable[[], bool]):
         """Denoise one video in place; yields after every block-step (the x0 of that block when previews are on)."""
         sched, sc, layout = self.schedule, self.sc, self.layout
-        samplers = [make_sampler(sc.sampler, torch.tensor(sc.sigmas, dtype=torch.float64))
+        # float32 sigma tables, as ComfyUI's KSampler hands them to its samplers
+        samplers = [make_sampler(sc.sampler, torch.tensor(sc.sigmas, dtype=torch.float32))
                     for _ in range(layout.num_blocks)]
+        for j, (s, e) in enumerate(layout.blocks):
+            x[:, :, s:e] = samplers[j].start(x[:, :, s:e])
         items = sched.items
         finished = [False] * len(items)
         pending: deque[tuple[int, object]] = deque()
@@ -156,7 +159,10 @@ class RankEngine:
             xo = x[:, :, own_s:own_e]
             sigma = float(sc.sigmas[item.step])
             denoised = xo - sigma * v
-            x[:, :, own_s:own_e] = samplers[item.block].step(xo, denoised)
+            smp = samplers[item.block]
+            x[:, :, own_s:own_e] = smp.step(xo, denoised)
+            if smp.done:  # final latents (what the right neighbour's last steps read as left context)
+                x[:, :, own_s:own_e] = smp.finish(x[:, :, own_s:own_e])
             finished[idx] = True
             yield denoised.cpu() if self.job.preview else None
             if cancelled():
