@@ -1,0 +1,202 @@
+"""Setting S1 of the design (and variants): DualParal on N ranks vs one-GPU full-sequence sampling, one table.
+
+    python benchmarks/bench_s1.py --world 2 --baseline          # 2 GPUs + the 1-GPU full-sequence baseline
+    python benchmarks/bench_s1.py --device cpu --world 2 --tiny  # a CPU smoke run of the same code path
+
+Random weights (compute is the same as real weights). Times are sampling-loop wall time after a warm-up job of the
+same shapes; FLOPs follow DESIGN §6 (multiply-add = 2, per block-step, embedding/head/text K/V left out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from dualparal_core.config import BlockLayout, SamplingConfig, WanConfig, split_layers  # noqa: E402
+from dualparal_core.schedule import Schedule  # noqa: E402
+
+MODELS = {"1.3b": WanConfig.wan21_1_3b, "14b": WanConfig.wan21_14b}
+
+
+def block_step_flops(cfg: WanConfig, lq: int, lk: int, b: int, text: int = 512) -> float:
+    d, f = cfg.dim, cfg.ffn_dim
+    return cfg.num_layers * b * (lq * (12 * d * d + 4 * d * f) + 4 * lq * lk * d + 4 * lq * text * d)
+
+
+def job_flops(cfg: WanConfig, layout: BlockLayout, steps: int, tokens_per_frame: int, b: int) -> float:
+    total = 0.0
+    for it in Schedule(layout, steps).items:
+        s0, e0 = layout.input_span(it.block)
+        lq = (e0 - s0) * tokens_per_frame
+        lk = lq
+        if it.right_ctx and layout.num_cat:  # keys of the next-newer block's first frames
+            lk = lq + layout.right_context_frames(it.block + 1) * tokens_per_frame
+        total += block_step_flops(cfg, lq, lk, b)
+    return total
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sigmas(steps: int, shift: float = 8.0) -> tuple[float, ...]:
+    # ComfyUI's "simple" scheduler on a shifted flow table (only the values matter for timing).
+    t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    s = shift * t / (1 + (shift - 1) * t)
+    return tuple(float(v) for v in s)
+
+
+def _rank_main(rank: int, world: int, port: int, args, q) -> None:
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    from dualparal_core.comm import destroy_groups, init_groups
+    from dualparal_core.engine import RankEngine
+    from dualparal_core.model import WanStage
+    from dualparal_core.protocol import Job
+
+    cuda = args.device == "cuda"
+    dev = torch.device(f"cuda:{rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    else:
+        torch.set_num_threads(1)
+    cfg = WanConfig.tiny() if args.tiny else MODELS[args.model]()
+    pipe = init_groups(rank, world, dev, f"tcp://127.0.0.1:{port}") if world > 1 else None
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    t0 = time.time()
+    st = WanStage(cfg, split_layers(cfg.num_layers, world)[rank], embed=rank == 0, head=rank == world - 1,
+                  dtype=dtype, device=dev, attention_backend=args.attention)
+    st.init_random(0)
+    load_s = time.time() - t0
+    eng = RankEngine(st, pipe, max_in_flight=args.in_flight)
+    H, W = args.height // 8, args.width // 8
+    g = torch.Generator().manual_seed(0)
+    cond = torch.randn(1, 512, cfg.text_dim, generator=g)
+    uncond = torch.randn(1, 512, cfg.text_dim, generator=g)
+
+    def job(frames, steps, P, K):
+        sc = SamplingConfig(sigmas=_sigmas(steps), sampler=args.sampler, cfg=args.cfg, seed=0,
+                            noise_mode="coordinated", num_per_block=P, num_cat=K)
+        return Job(sc, (1, 16, frames, H, W), cond, uncond if args.cfg != 1 else None)
+
+    results = []
+    for name, frames, P, K in args.runs:
+        # warm-up: same window shapes, fewer frames and steps
+        eng.run_job(job(min(frames, P + K + P), 2, P, K))
+        if cuda:
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        if world > 1:
+            torch.distributed.barrier()
+        t0 = time.perf_counter()
+        eng.run_job(job(frames, args.steps, P, K))
+        if cuda:
+            torch.cuda.synchronize(dev)
+        if world > 1:
+            torch.distributed.barrier()
+        dt = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else 0.0
+        resv = torch.cuda.max_memory_reserved(dev) / 2**30 if cuda else 0.0
+        results.append(dict(name=name, rank=rank, seconds=dt, peak_gib=peak, reserved_gib=resv, load_s=load_s))
+    q.put(results)
+    if world > 1:
+        destroy_groups()
+
+
+def run(world: int, args, runs) -> list[dict]:
+    args.runs = runs
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, args, q)) for r in range(world)]
+    for p in procs:
+        p.start()
+    out = []
+    for _ in procs:
+        out.extend(q.get(timeout=args.timeout))
+    for p in procs:
+        p.join()
+        if p.exitcode:
+            raise RuntimeError(f"a rank exited with {p.exitcode}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--world", type=int, nargs="+", default=[2])
+    ap.add_argument("--model", choices=sorted(MODELS), default="1.3b")
+    ap.add_argument("--tiny", action="store_true", help="tiny random model (CPU smoke run)")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--attention", default="sdpa")
+    ap.add_argument("--sampler", default="uni_pc")
+    ap.add_argument("--height", type=int, default=480)
+    ap.add_argument("--width", type=int, default=832)
+    ap.add_argument("--frames", type=int, nargs="+", default=[72], help="latent frames (72 = 285 video frames)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--P", type=int, default=8)
+    ap.add_argument("--K", type=int, default=8)
+    ap.add_argument("--cfg", type=float, default=5.0)
+    ap.add_argument("--in-flight", type=int, default=None)
+    ap.add_argument("--baseline", action="store_true", help="also run 1-GPU full-sequence sampling")
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--json", default=None, help="write results here too")
+    args = ap.parse_args()
+    cfg = WanConfig.tiny() if args.tiny else MODELS[args.model]()
+    tpf = (args.height // 16) * (args.width // 16)
+    b = 2 if args.cfg != 1 else 1
+    rows = []
+    dev_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    for world in args.world:
+        runs = [(f"dualparal N={world} T={f}", f, args.P, args.K) for f in args.frames]
+        for r in _aggregate(run(world, args, runs), world):
+            f = int(r["name"].split("T=")[1])
+            fl = job_flops(cfg, BlockLayout(f, args.P, args.K), args.steps, tpf, b)
+            rows.append(dict(r, world=world, frames=f, flops=fl))
+    if args.baseline:
+        runs = [(f"full-sequence 1 GPU T={f}", f, f, 0) for f in args.frames]
+        for r in _aggregate(run(1, args, runs), 1):
+            f = int(r["name"].split("T=")[1])
+            fl = job_flops(cfg, BlockLayout(f, f, 0), args.steps, tpf, b)
+            rows.append(dict(r, world=1, frames=f, flops=fl))
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"\n{dev_name}, torch {torch.__version__}, {stamp}; {args.model if not args.tiny else 'tiny'} "
+          f"{args.dtype}, {args.height}x{args.width}, {args.steps} steps, cfg {args.cfg}, P={args.P} K={args.K}, "
+          f"attention={args.attention}, sampler={args.sampler}")
+    print(f"command: python {' '.join(sys.argv)}")
+    print("| run | GPUs | latent frames | video frames | time (s) | TFLOP/s per GPU | peak GiB/GPU (alloc) |"
+          " reserved GiB/GPU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        tf = r["flops"] / r["seconds"] / r["world"] / 1e12
+        print(f"| {r['name']} | {r['world']} | {r['frames']} | {(r['frames'] - 1) * 4 + 1} | {r['seconds']:.1f} | "
+              f"{tf:.0f} | {r['peak_gib']:.2f} | {r['reserved_gib']:.2f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(device=dev_name, date=stamp, argv=sys.argv, rows=rows), indent=1))
+
+
+def _aggregate(results: list[dict], world: int) -> list[dict]:
+    """One row per run: the slowest rank's time and the largest per-rank memory."""
+    by = {}
+    for r in results:
+        a = by.setdefault(r["name"], dict(name=r["name"], seconds=0.0, peak_gib=0.0, reserved_gib=0.0))
+        a["seconds"] = max(a["seconds"], r["seconds"])
+        a["peak_gib"] = max(a["peak_gib"], r["peak_gib"])
+        a["reserved_gib"] = max(a["reserved_gib"], r["reserved_gib"])
+    return list(by.values())
+
+
+if __name__ == "__main__":
+    main()
