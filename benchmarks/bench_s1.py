@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
@@ -79,6 +80,10 @@ def _rank_main(rank: int, world: int, port: int, args, q) -> None:
     st = WanStage(cfg, split_layers(cfg.num_layers, world)[rank], embed=rank == 0, head=rank == world - 1,
                   dtype=dtype, device=dev, attention_backend=args.attention)
     st.init_random(0)
+    if args.fuse:
+        st.fuse_qkv()
+    if args.compile and cuda:
+        st.compile_elementwise()
     load_s = time.time() - t0
     eng = RankEngine(st, pipe, max_in_flight=args.in_flight)
     H, W = args.height // 8, args.width // 8
@@ -110,6 +115,10 @@ def _rank_main(rank: int, world: int, port: int, args, q) -> None:
         peak = torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else 0.0
         resv = torch.cuda.max_memory_reserved(dev) / 2**30 if cuda else 0.0
         results.append(dict(name=name, rank=rank, seconds=dt, peak_gib=peak, reserved_gib=resv, load_s=load_s))
+    if args.verify and rank == 0:
+        results.append(dict(name="verify", rank=0, latents=eng.run_job(job(24, 3, args.P, args.K)).numpy()))
+    elif args.verify:
+        eng.run_job(job(24, 3, args.P, args.K))
     q.put(results)
     if world > 1:
         destroy_groups()
@@ -149,6 +158,10 @@ def main() -> None:
     ap.add_argument("--P", type=int, default=8)
     ap.add_argument("--K", type=int, default=8)
     ap.add_argument("--cfg", type=float, default=5.0)
+    ap.add_argument("--fuse", action="store_true", help="fused QKV projection")
+    ap.add_argument("--verify", action="store_true",
+                    help="also run a small job on every world size and compare the latents with world size 1")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the elementwise chains")
     ap.add_argument("--in-flight", type=int, default=None)
     ap.add_argument("--baseline", action="store_true", help="also run 1-GPU full-sequence sampling")
     ap.add_argument("--timeout", type=float, default=900)
@@ -159,9 +172,14 @@ def main() -> None:
     b = 2 if args.cfg != 1 else 1
     rows = []
     dev_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    verify = {}
     for world in args.world:
         runs = [(f"dualparal N={world} T={f}", f, args.P, args.K) for f in args.frames]
-        for r in _aggregate(run(world, args, runs), world):
+        res = run(world, args, runs)
+        for r in res:
+            if r["name"] == "verify":
+                verify[world] = r["latents"]
+        for r in _aggregate([r for r in res if r["name"] != "verify"], world):
             f = int(r["name"].split("T=")[1])
             fl = job_flops(cfg, BlockLayout(f, args.P, args.K), args.steps, tpf, b)
             rows.append(dict(r, world=world, frames=f, flops=fl))
@@ -174,7 +192,7 @@ def main() -> None:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"\n{dev_name}, torch {torch.__version__}, {stamp}; {args.model if not args.tiny else 'tiny'} "
           f"{args.dtype}, {args.height}x{args.width}, {args.steps} steps, cfg {args.cfg}, P={args.P} K={args.K}, "
-          f"attention={args.attention}, sampler={args.sampler}")
+          f"attention={args.attention}, sampler={args.sampler}, fuse={args.fuse}, compile={args.compile}")
     print(f"command: python {' '.join(sys.argv)}")
     print("| run | GPUs | latent frames | video frames | time (s) | TFLOP/s per GPU | peak GiB/GPU (alloc) |"
           " reserved GiB/GPU |")
@@ -183,6 +201,11 @@ def main() -> None:
         tf = r["flops"] / r["seconds"] / r["world"] / 1e12
         print(f"| {r['name']} | {r['world']} | {r['frames']} | {(r['frames'] - 1) * 4 + 1} | {r['seconds']:.1f} | "
               f"{tf:.0f} | {r['peak_gib']:.2f} | {r['reserved_gib']:.2f} |")
+    if verify:
+        ref_w = min(verify)
+        for w, lat in sorted(verify.items()):
+            d = float(abs(lat - verify[ref_w]).max())
+            print(f"verify: N={w} vs N={ref_w}: max |diff| = {d:.3g} (finite: {bool(np.isfinite(lat).all())})")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(device=dev_name, date=stamp, argv=sys.argv, rows=rows), indent=1))
 

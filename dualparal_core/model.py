@@ -36,7 +36,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
 
 
 def rope_tables(config: WanConfig, frames: int, h: int, w: int, device, first_frame: int = 0):
-    """RoPE cos/sin [1, frames*h*w, 1, head_dim] for a window of ``frames`` latent frames whose first frame has
+    """RoPE cos/sin [1, frames*h*w, 1, head_dim/2] for a window of ``frames`` latent frames whose first frame has
     temporal position ``first_frame`` (positions are local to the window, never absolute in the video)."""
     from diffusers.models.embeddings import get_1d_rotary_pos_embed
 
@@ -55,16 +55,36 @@ def rope_tables(config: WanConfig, frames: int, h: int, w: int, device, first_fr
             shape = [1, 1, 1, dim]
             shape[axis] = t.shape[0]
             tabs.append(t.view(*shape).expand(frames, h, w, dim))
-        out.append(torch.cat(tabs, dim=-1).reshape(1, frames * h * w, 1, d).to(device=device, dtype=torch.float32))
+        full = torch.cat(tabs, dim=-1).reshape(1, frames * h * w, 1, d)
+        # diffusers repeats each angle twice and reads cos[0::2], sin[1::2]: keep one of each pair
+        out.append(full[..., 0::2].to(device=device, dtype=torch.float32).contiguous())
     return out[0], out[1]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x0, x1) of x [B, L, H, d] by the angles of cos/sin [1, L, 1, d] (diffusers' Wan convention)."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    c, s = cos[..., 0::2], sin[..., 1::2]
-    out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
-    return out.type_as(x)
+    """Rotate pairs (x0, x1) of x [B, L, H, d] by cos/sin [1, L, 1, d/2] (diffusers' Wan convention), in fp32."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
+
+
+def modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm (no affine, fp32) then adaLN modulation, back to h's dtype: h [b, L, D], shift/scale [b, 1, D]."""
+    return torch.addcmul(shift, F.layer_norm(h.float(), (h.shape[-1],), eps=eps), 1 + scale).type_as(h)
+
+
+def gated_residual(h: torch.Tensor, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """h + o * gate computed in fp32, back to h's dtype."""
+    return torch.addcmul(h.float(), o.float(), gate).type_as(h)
+
+
+def rope_qk(x: torch.Tensor, norm_w: torch.Tensor, eps: float, heads: int, cos: torch.Tensor,
+            sin: torch.Tensor) -> torch.Tensor:
+    """RMSNorm across heads (Wan's qk norm), split heads, RoPE: [b, L, D] -> [b, H, L, d]."""
+    x = F.rms_norm(x, (x.shape[-1],), norm_w, eps)
+    return apply_rope(x.unflatten(2, (heads, -1)), cos, sin).transpose(1, 2)
+
+
+_ELEMENTWISE = {"modulate": modulate, "gated_residual": gated_residual, "rope_qk": rope_qk}
 
 
 @dataclass
@@ -84,7 +104,10 @@ class WanStage(nn.Module):
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  attention_backend: str = "sdpa"):
         super().__init__()
-        from diffusers.models.transformers.transformer_wan import WanTimeTextImageEmbedding, WanTransformerBlock
+        from diffusers.models.transformers.transformer_wan import (
+            WanTimeTextImageEmbedding,
+            WanTransformerBlock,
+        )
 
         if attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention={attention_backend!r} is not supported; "
@@ -110,6 +133,7 @@ class WanStage(nn.Module):
         self.to_empty(device=device)
         self._cast_params()
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._ew = dict(_ELEMENTWISE)
 
     def rope(self, frames: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached RoPE tables for a window of ``frames`` frames starting at temporal position 0."""
@@ -221,10 +245,14 @@ class WanStage(nn.Module):
         return h, cache
 
     def _layer(self, blk, h, tproj, text_kv, cos, sin, L, right, keep):
+        ew, eps = self._ew, self.config.eps
         shift, scale, gate, c_shift, c_scale, c_gate = (blk.scale_shift_table + tproj).chunk(6, dim=1)
-        x = (blk.norm1(h.float()) * (1 + scale) + shift).type_as(h)
+        x = ew["modulate"](h, shift, scale, eps)
         a = blk.attn1
-        q, k, v = a.to_q(x), a.to_k(x), a.to_v(x)
+        if hasattr(a, "to_qkv"):  # fused projection (see fuse_qkv)
+            q, k, v = a.to_qkv(x).chunk(3, dim=-1)
+        else:
+            q, k, v = a.to_q(x), a.to_k(x), a.to_v(x)
         saved = None
         if keep is not None:
             s, n = keep
@@ -232,21 +260,42 @@ class WanStage(nn.Module):
         if right is not None:
             k = torch.cat([k, right[0]], dim=1)
             v = torch.cat([v, right[1]], dim=1)
-        q = apply_rope(a.norm_q(q).unflatten(2, (a.heads, -1)), cos[:, :L], sin[:, :L])
-        k = apply_rope(a.norm_k(k).unflatten(2, (a.heads, -1)), cos[:, :k.shape[1]], sin[:, :k.shape[1]])
-        v = v.unflatten(2, (a.heads, -1))
-        o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.attention_backend)
-        o = a.to_out[0](o.transpose(1, 2).flatten(2).type_as(q))
-        h = (h.float() + o * gate).type_as(h)
-        # cross-attention with the job's precomputed text K/V
+        lk = k.shape[1]
+        q = ew["rope_qk"](q, a.norm_q.weight, a.norm_q.eps, a.heads, cos[:, :L], sin[:, :L])
+        k = ew["rope_qk"](k, a.norm_k.weight, a.norm_k.eps, a.heads, cos[:, :lk], sin[:, :lk])
+        v = v.unflatten(2, (a.heads, -1)).transpose(1, 2)
+        o = attention(q, k, v, self.attention_backend)
+        o = a.to_out[0](o.transpose(1, 2).flatten(2))
+        h = ew["gated_residual"](h, o, gate)
+        # cross-attention with the job's precomputed text K/V (norm2 is an affine fp32 LayerNorm)
         x = blk.norm2(h.float()).type_as(h)
         c = blk.attn2
-        q = c.norm_q(c.to_q(x)).unflatten(2, (c.heads, -1)).transpose(1, 2)
-        o = attention(q, text_kv[0], text_kv[1], self.attention_backend)
-        h = h + c.to_out[0](o.transpose(1, 2).flatten(2).type_as(q))
-        x = (blk.norm3(h.float()) * (1 + c_scale) + c_shift).type_as(h)
-        h = (h.float() + blk.ffn(x).float() * c_gate).type_as(h)
+        q = F.rms_norm(c.to_q(x), (x.shape[-1],), c.norm_q.weight, c.norm_q.eps)
+        o = attention(q.unflatten(2, (c.heads, -1)).transpose(1, 2), text_kv[0], text_kv[1], self.attention_backend)
+        h = h + c.to_out[0](o.transpose(1, 2).flatten(2))
+        x = ew["modulate"](h, c_shift, c_scale, eps)
+        h = ew["gated_residual"](h, blk.ffn(x), c_gate)
         return h, saved
+
+    # ------------------------------------------------------------------ speed-ups applied after loading
+    @torch.no_grad()
+    def fuse_qkv(self) -> None:
+        """Replace each self-attention's three projections by one GEMM (after weights and LoRAs are in)."""
+        for blk in self.blocks.values():
+            a = blk.attn1
+            if hasattr(a, "to_qkv"):
+                continue
+            w = torch.cat([a.to_q.weight, a.to_k.weight, a.to_v.weight])
+            b = torch.cat([a.to_q.bias, a.to_k.bias, a.to_v.bias])
+            lin = nn.Linear(w.shape[1], w.shape[0], device=w.device, dtype=w.dtype)
+            lin.weight.copy_(w)
+            lin.bias.copy_(b)
+            a.to_qkv = lin
+            del a.to_q, a.to_k, a.to_v
+
+    def compile_elementwise(self) -> None:
+        """Fuse the fp32 norm/modulation, gated residual and qk-norm+RoPE chains with torch.compile (GPU)."""
+        self._ew = {k: torch.compile(f, dynamic=False) for k, f in _ELEMENTWISE.items()}
 
     # ------------------------------------------------------------------ head
     @torch.no_grad()

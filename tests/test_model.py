@@ -136,3 +136,18 @@ def test_bad_stage_arguments(tiny_config):
     st = WanStage(tiny_config, range(1), embed=True, head=True)
     with pytest.raises(ValueError, match="missing"):
         st.load_weights({})
+
+
+def test_fused_qkv_equals_separate_projections(ref_model):
+    cfg, ref = ref_model
+    st = _stage(cfg, ref, range(3), True, True)
+    x = torch.randn(1, 16, 3, 4, 4)
+    ctx = torch.randn(1, 7, cfg.text_dim)
+    tproj, temb = st.time_embed(torch.tensor([500.0]))
+    text = st.prepare_text(ctx)
+    want, cache_a = st.blocks_forward(st.embed(x), tproj, text, (3, 2, 2), keep=(4, 4))
+    st.fuse_qkv()
+    assert not hasattr(st.blocks["0"].attn1, "to_q")
+    got, cache_b = st.blocks_forward(st.embed(x), tproj, text, (3, 2, 2), keep=(4, 4))
+    assert _rel(got, want) <= 1e-6
+    assert all(_rel(cache_b[i][0], cache_a[i][0]) <= 1e-6 for i in cache_a)
