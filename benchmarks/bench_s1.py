@@ -61,7 +61,11 @@ def _sigmas(steps: int, shift: float = 8.0) -> tuple[float, ...]:
 
 
 def _rank_main(rank: int, world: int, port: int, args, q) -> None:
+    import faulthandler
+
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    # a hung rank prints every thread's stack and exits instead of holding the machine
+    faulthandler.dump_traceback_later(args.timeout, exit=True)
     from dualparal_core.comm import destroy_groups, init_groups
     from dualparal_core.engine import RankEngine
     from dualparal_core.model import WanStage
@@ -115,12 +119,15 @@ def _rank_main(rank: int, world: int, port: int, args, q) -> None:
         peak = torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else 0.0
         resv = torch.cuda.max_memory_reserved(dev) / 2**30 if cuda else 0.0
         results.append(dict(name=name, rank=rank, seconds=dt, peak_gib=peak, reserved_gib=resv, load_s=load_s))
+        print(f"[rank {rank}] {name}: {dt:.2f} s, peak {peak:.2f} GiB, reserved {resv:.2f} GiB", flush=True)
     if args.verify and rank == 0:
         results.append(dict(name="verify", rank=0, latents=eng.run_job(job(24, 3, args.P, args.K)).numpy()))
     elif args.verify:
         eng.run_job(job(24, 3, args.P, args.K))
     q.put(results)
     if world > 1:
+        if cuda:
+            torch.cuda.synchronize(dev)
         destroy_groups()
 
 
@@ -133,12 +140,16 @@ def run(world: int, args, runs) -> list[dict]:
     for p in procs:
         p.start()
     out = []
-    for _ in procs:
-        out.extend(q.get(timeout=args.timeout))
-    for p in procs:
-        p.join()
-        if p.exitcode:
-            raise RuntimeError(f"a rank exited with {p.exitcode}")
+    try:
+        for _ in procs:
+            out.extend(q.get(timeout=args.timeout))
+    finally:
+        for p in procs:  # results are in: a rank stuck in teardown must not hold the run
+            p.join(timeout=30)
+            if p.is_alive():
+                print(f"rank pid {p.pid} did not exit within 30 s of finishing; killing it", flush=True)
+                p.kill()
+                p.join()
     return out
 
 
@@ -183,12 +194,14 @@ def main() -> None:
             f = int(r["name"].split("T=")[1])
             fl = job_flops(cfg, BlockLayout(f, args.P, args.K), args.steps, tpf, b)
             rows.append(dict(r, world=world, frames=f, flops=fl))
+            _row(rows[-1])
     if args.baseline:
         runs = [(f"full-sequence 1 GPU T={f}", f, f, 0) for f in args.frames]
         for r in _aggregate(run(1, args, runs), 1):
             f = int(r["name"].split("T=")[1])
             fl = job_flops(cfg, BlockLayout(f, f, 0), args.steps, tpf, b)
             rows.append(dict(r, world=1, frames=f, flops=fl))
+            _row(rows[-1])
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"\n{dev_name}, torch {torch.__version__}, {stamp}; {args.model if not args.tiny else 'tiny'} "
           f"{args.dtype}, {args.height}x{args.width}, {args.steps} steps, cfg {args.cfg}, P={args.P} K={args.K}, "
@@ -198,9 +211,7 @@ def main() -> None:
           " reserved GiB/GPU |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        tf = r["flops"] / r["seconds"] / r["world"] / 1e12
-        print(f"| {r['name']} | {r['world']} | {r['frames']} | {(r['frames'] - 1) * 4 + 1} | {r['seconds']:.1f} | "
-              f"{tf:.0f} | {r['peak_gib']:.2f} | {r['reserved_gib']:.2f} |")
+        _row(r)
     if verify:
         ref_w = min(verify)
         for w, lat in sorted(verify.items()):
@@ -208,6 +219,12 @@ def main() -> None:
             print(f"verify: N={w} vs N={ref_w}: max |diff| = {d:.3g} (finite: {bool(np.isfinite(lat).all())})")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(device=dev_name, date=stamp, argv=sys.argv, rows=rows), indent=1))
+
+
+def _row(r: dict) -> None:
+    tf = r["flops"] / r["seconds"] / r["world"] / 1e12
+    print(f"| {r['name']} | {r['world']} | {r['frames']} | {(r['frames'] - 1) * 4 + 1} | {r['seconds']:.1f} | "
+          f"{tf:.0f} | {r['peak_gib']:.2f} | {r['reserved_gib']:.2f} |", flush=True)
 
 
 def _aggregate(results: list[dict], world: int) -> list[dict]:
