@@ -25,9 +25,9 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init_groups(rank: int, world: int, device: torch.device, init_method: str,
-                timeout_s: float = 600.0) -> Pipe:
-    """Join the worker group and return this rank's pipe.
+def init_groups(rank: int, world: int, device: torch.device, init_method: str | None,
+                timeout_s: float = 600.0, store: dist.Store | None = None) -> Pipe:
+    """Join the worker group and return this rank's pipe (rendezvous through ``init_method`` or a ready ``store``).
 
     NCCL fault settings: async error handling (a failed or timed-out collective tears the process down instead of
     hanging it), set only where the user has not chosen otherwise.
@@ -39,13 +39,15 @@ def init_groups(rank: int, world: int, device: torch.device, init_method: str,
             if k in os.environ and os.environ[k] != v:
                 logger.warning("keeping the user's %s=%s (DualParal would set %s)", k, os.environ[k], v)
             os.environ.setdefault(k, v)
-    kw = {}
+    kw = {"store": store} if store is not None else {"init_method": init_method}
     if backend == "nccl":
         kw["device_id"] = device
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+    dist.init_process_group(backend, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s), **kw)
     ret = dist.new_group(ranks=list(range(world)), backend=backend) if world > 1 else None
-    return Pipe(rank, world, device, ret)
+    pipe = Pipe(rank, world, device, ret)
+    pipe.warm_up()
+    return pipe
 
 
 def destroy_groups() -> None:
@@ -67,6 +69,34 @@ class Pipe:
     @property
     def is_last(self) -> bool:
         return self.rank == self.world - 1
+
+    def warm_up(self) -> None:
+        """Open every link of the pipe in one fixed order and check a known payload crosses it intact.
+
+        NCCL creates a point-to-point communicator on a pair's first send/recv, and that creation is collective:
+        if rank 0 first touched the return link while rank 1 first touched the forward link, each would wait for
+        the other forever. Walking the pairs in the same order on every rank makes that impossible.
+        """
+        if self.world == 1:
+            return
+        for a in range(self.world - 1):  # forward links (a -> a+1), in order
+            if self.rank == a:
+                dist.isend(torch.full((4,), float(a + 1), device=self.device), a + 1).wait()
+            elif self.rank == a + 1:
+                self._check(dist.irecv, a, a + 1, None)
+        if self.rank == self.world - 1:  # return link (last -> 0)
+            dist.isend(torch.full((4,), -1.0, device=self.device), 0, group=self.ret_group).wait()
+        elif self.rank == 0:
+            self._check(dist.irecv, self.world - 1, -1, self.ret_group)
+
+    def _check(self, op, src: int, want: float, group) -> None:
+        buf = torch.zeros(4, device=self.device)
+        op(buf, src, group=group).wait() if group is not None else op(buf, src).wait()
+        if not bool((buf == want).all()):
+            raise RuntimeError(
+                f"rank {self.rank}: the link from rank {src} delivered {buf.tolist()} instead of {want}; "
+                f"GPU peer-to-peer is broken on this machine. Try NCCL_P2P_DISABLE=1 (or NCCL_SHM_DISABLE=1), "
+                f"check the topology with `nvidia-smi topo -m`, or use fewer GPUs.")
 
     def _keep(self, work, *tensors) -> None:
         # A send's tensors must stay alive until it completes (gloo reads them asynchronously).

@@ -165,6 +165,10 @@ class RankEngine:
                 x[:, :, own_s:own_e] = smp.finish(x[:, :, own_s:own_e])
             finished[idx] = True
             yield denoised.cpu() if self.job.preview else None
+            # after a video's last block-step there is nothing to stop: the next video (if any) checks again, and
+            # a stop header now would wait forever for ranks that have already finished
+            if finished[-1]:
+                continue
             if cancelled():
                 while pending:
                     self._collect(pending.popleft()[1])

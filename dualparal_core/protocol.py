@@ -19,6 +19,7 @@ OP_JOB = "job"
 OP_CANCEL = "cancel"
 OP_CLOSE = "close"
 OP_PING = "ping"
+OP_SPEC = "spec"
 # worker -> parent
 OP_READY = "ready"
 OP_PROGRESS = "progress"
@@ -26,6 +27,7 @@ OP_RESULT = "result"
 OP_ERROR = "error"
 OP_CANCELLED = "cancelled"
 OP_PONG = "pong"
+OP_STATUS = "status"
 
 
 @dataclass
