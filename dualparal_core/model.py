@@ -295,6 +295,10 @@ class WanStage(nn.Module):
 
     def compile_elementwise(self) -> None:
         """Fuse the fp32 norm/modulation, gated residual and qk-norm+RoPE chains with torch.compile (GPU)."""
+        import torch._dynamo
+
+        # one graph per window shape (with/without right context, short last block, each resolution): allow many
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self._ew = {k: torch.compile(f, dynamic=False) for k, f in _ELEMENTWISE.items()}
 
     # ------------------------------------------------------------------ head

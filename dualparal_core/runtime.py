@@ -122,6 +122,9 @@ def build_stage(spec: PoolSpec, rank: int, device: str | torch.device | None = N
         stage.load_weights(sd)
     del sd
     stage.eval()
+    stage.fuse_qkv()  # after LoRAs are merged: one GEMM for q, k and v
+    if spec.compile if spec.compile is not None else dev.type == "cuda":
+        stage.compile_elementwise()
     load_s = time.perf_counter() - t0
     logger.info("rank %d: layers %d..%d%s%s on %s (%s) ready in %.2f s", rank, layers.start, layers.stop - 1,
                 " +embed" if embed else "", " +head" if head else "", dev, spec.dtype, load_s)
