@@ -253,7 +253,7 @@ class PoolSpec:
     attention: str = "sdpa"
     """Attention backend (see dualparal_core.model.ATTENTION_BACKENDS)."""
     max_in_flight: int | None = None
-    """Block-steps rank 0 keeps in flight (default: the number of ranks)."""
+    """Block-steps rank 0 keeps in flight (default: the number of ranks + 1)."""
     compile: bool | None = None
     """torch.compile the elementwise chains of each layer (None: on for CUDA, off for CPU). The first job of a
     new shape pays a one-off compile (tens of seconds); later jobs run about 25 % faster (H100, S1 shapes)."""

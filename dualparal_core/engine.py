@@ -38,7 +38,10 @@ class RankEngine:
         self.world = 1 if pipe is None else pipe.world
         if (self.rank == 0) != stage.has_embed or (self.rank == self.world - 1) != stage.has_head:
             raise ValueError("stage/rank mismatch: rank 0 must hold the embedding and the last rank the head.")
-        self.max_in_flight = max_in_flight or self.world
+        # One block-step more than there are stages: with uneven block-step costs (with/without right context) a
+        # window of exactly N leaves rank 0 idle while the last rank finishes an expensive step; N + 1 removes most
+        # of that (benchmarks/bubbles.py: S1 on 2 GPUs 1.86x -> 1.92x) for one extra hidden-state buffer.
+        self.max_in_flight = max_in_flight or (self.world + 1 if self.world > 1 else 1)
         self.jobs_run = 0
 
     # ------------------------------------------------------------------ job set-up (every rank)

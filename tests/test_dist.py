@@ -7,7 +7,7 @@ import pytest
 import torch
 from fault_helpers import SEED, full_stage, reference, tiny_job, tiny_spec
 
-from dualparal_core.config import SAMPLER_NAMES, ModelSource, PoolSpec, WanConfig
+from dualparal_core.config import SAMPLER_NAMES, ModelSource, PoolSpec, WanConfig, split_layers
 from dualparal_core.pool import WorkerPool
 
 pytestmark = pytest.mark.dist
@@ -56,5 +56,26 @@ def test_a_model_read_from_a_checkpoint_file_matches(tmp_path):
         assert p.ready_info[0]["config"] == cfg
         job = tiny_job("uni_pc_bh2")
         assert torch.equal(p.generate(job), reference(job, full_stage(state_dict=sd)))
+    finally:
+        p.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [4, 8])
+def test_four_and_eight_ranks_match_the_single_process_reference(world):
+    """The scaling run's correctness half on CPU: an 8-layer tiny model over 4 and 8 gloo ranks, a schedule with
+    more blocks than ranks (11 blocks of 2 frames with K = 2), every block-step bit-identical to one process."""
+    from dualparal_core.model import WanStage
+
+    cfg = WanConfig.tiny(num_layers=8)
+    job = tiny_job("uni_pc", frames=24, batch=1)
+    stage = WanStage(cfg, range(8), embed=True, head=True, dtype=torch.float32)
+    stage.init_random(SEED)
+    want = reference(job, stage)
+    p = WorkerPool.start(PoolSpec(ModelSource(random_config=cfg, random_seed=SEED), devices=("cpu",) * world,
+                                  dtype="fp32"))
+    try:
+        assert [tuple(i["layers"]) for i in p.ready_info] == [(r.start, r.stop) for r in split_layers(8, world)]
+        assert torch.equal(p.generate(job), want)
     finally:
         p.close()
