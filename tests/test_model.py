@@ -151,3 +151,20 @@ def test_fused_qkv_equals_separate_projections(ref_model):
     got, cache_b = st.blocks_forward(st.embed(x), tproj, text, (3, 2, 2), keep=(4, 4))
     assert _rel(got, want) <= 1e-6
     assert all(_rel(cache_b[i][0], cache_a[i][0]) <= 1e-6 for i in cache_a)
+
+
+@pytest.mark.slow
+def test_compiled_elementwise_chains_equal_eager(ref_model):
+    """The torch.compile'd norm/modulation, gated residual and qk-norm+RoPE (the GPU default) give the eager
+    result, with and without right context (two graph shapes)."""
+    cfg, ref = ref_model
+    st = _stage(cfg, ref, range(3), True, False)
+    h = torch.randn(1, 4 * 6, cfg.dim)
+    tp, _ = st.time_embed(torch.tensor([640.0]))
+    text = st.prepare_text(torch.randn(1, 9, cfg.text_dim))
+    want, cache = st.blocks_forward(h, tp, text, (4, 2, 3), keep=(12, 12))
+    want_r, _ = st.blocks_forward(h, tp, text, (4, 2, 3), right=cache)
+    st.compile_elementwise()
+    got, cache_c = st.blocks_forward(h, tp, text, (4, 2, 3), keep=(12, 12))
+    got_r, _ = st.blocks_forward(h, tp, text, (4, 2, 3), right=cache_c)
+    assert _rel(got, want) <= 1e-5 and _rel(got_r, want_r) <= 1e-5
