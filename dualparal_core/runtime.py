@@ -55,6 +55,18 @@ def _count_cuda(env: dict[str, str]) -> int:
     return _CUDA_COUNTS[key]
 
 
+def check_nccl(devices) -> None:
+    """GPU groups need NCCL. We refuse rather than fall back to gloo: gloo moves every hidden state through host
+    memory (hundreds of MB per block-step at 480p), which would make several GPUs slower than one."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_nccl_available()):
+        raise ValueError(
+            f"devices={list(devices)}: DualParal GPU groups need NCCL, which this PyTorch build does not have "
+            f"({sys.platform}, torch {torch.__version__}; Windows builds never do). Run ComfyUI under Linux or "
+            f"WSL2 for several GPUs, or use CPU ranks (devices='cpu:2') to try the pack here.")
+
+
 def check_spec(spec: PoolSpec, env: dict[str, str]) -> tuple[PoolSpec, WanConfig]:
     """Every check that can run before a process starts; returns the spec with an absolute model path."""
     if not isinstance(spec, PoolSpec):
@@ -76,6 +88,7 @@ def check_spec(spec: PoolSpec, env: dict[str, str]) -> tuple[PoolSpec, WanConfig
     if gpus:
         if any(not d.startswith("cuda:") or not d[5:].isdigit() for d in gpus):
             raise ValueError(f"devices={list(spec.devices)}: name each GPU by index, e.g. 'cuda:0', 'cuda:1'.")
+        check_nccl(spec.devices)
         visible = _count_cuda(env)
         missing = [d for d in gpus if int(d[5:]) >= visible]
         if missing:

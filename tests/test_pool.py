@@ -367,3 +367,17 @@ def test_two_pools_from_non_main_threads_without_signal_handlers(monkeypatch):
     finally:
         sibling.kill()
         sibling.wait()
+
+
+def test_gpu_groups_without_nccl_are_refused_before_any_spawn(monkeypatch):
+    """Windows PyTorch has no NCCL: the message says what works instead, and nothing is started."""
+    import torch.distributed as dist
+
+    from dualparal_core.config import ModelSource, PoolSpec, WanConfig
+    from dualparal_core.runtime import check_spec
+
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: False)
+    spec = PoolSpec(ModelSource(random_config=WanConfig.tiny()), devices=("cuda:0", "cuda:1"))
+    with pytest.raises(ValueError, match=r"need NCCL.*WSL2.*cpu:2"):
+        check_spec(spec, {})
+    check_spec(PoolSpec(ModelSource(random_config=WanConfig.tiny()), devices=("cpu", "cpu")), {})  # CPU still fine
