@@ -2,6 +2,8 @@
 
     python benchmarks/bench_s1.py --world 2 --baseline          # 2 GPUs + the 1-GPU full-sequence baseline
     python benchmarks/bench_s1.py --device cpu --world 2 --tiny  # a CPU smoke run of the same code path
+    python benchmarks/bench_s1.py --model 14b --experts 2 --weights fp8 --cfg-low 1 --world 2 --frames 40
+                                                                 # Wan2.2 A14B shapes: two experts, fp8 in memory
 
 Random weights (compute is the same as real weights). Times are sampling-loop wall time after a warm-up job of the
 same shapes; FLOPs follow DESIGN §6 (multiply-add = 2, per block-step, embedding/head/text K/V left out).
@@ -35,16 +37,41 @@ def block_step_flops(cfg: WanConfig, lq: int, lk: int, b: int, text: int = 512) 
     return cfg.num_layers * b * (lq * (12 * d * d + 4 * d * f) + 4 * lq * lk * d + 4 * lq * text * d)
 
 
-def job_flops(cfg: WanConfig, layout: BlockLayout, steps: int, tokens_per_frame: int, b: int) -> float:
+def job_flops(cfg: WanConfig, layout: BlockLayout, steps: int, tokens_per_frame: int, b: int,
+              experts: list[int] | None = None, b_low: int | None = None) -> float:
+    """FLOPs of a job; ``experts``: the expert of each step (two experts: no right context between block-steps of
+    different experts, and the low-noise expert's batch is ``b_low``)."""
+    experts = experts or [0] * steps
     total = 0.0
     for it in Schedule(layout, steps).items:
         s0, e0 = layout.input_span(it.block)
         lq = (e0 - s0) * tokens_per_frame
         lk = lq
-        if it.right_ctx and layout.num_cat:  # keys of the next-newer block's first frames
+        same = it.step == 0 or experts[it.step - 1] == experts[it.step]
+        if it.right_ctx and layout.num_cat and same:  # keys of the next-newer block's first frames
             lk = lq + layout.right_context_frames(it.block + 1) * tokens_per_frame
-        total += block_step_flops(cfg, lq, lk, b)
+        total += block_step_flops(cfg, lq, lk, b if experts[it.step] == 0 or b_low is None else b_low)
     return total
+
+
+def _stage(cfg, layers, rank, world, dtype, dev, args, seed):
+    from dualparal_core.model import WanStage
+
+    st = WanStage(cfg, layers, embed=rank == 0, head=rank == world - 1, dtype=dtype, device=dev,
+                  attention_backend=args.attention)
+    st.init_random(seed)
+    if args.weights == "fp8":  # the blocks' Linear weights held in fp8, dequantised per layer
+        from dualparal_core.fp8 import install_fp8_linears, quantise_state_dict
+
+        sd = st.state_dict()
+        quantise_state_dict(sd)
+        install_fp8_linears(st, sd, dtype)
+        del sd
+    if args.fuse:
+        st.fuse_qkv()
+    if args.compile and dev.type == "cuda":
+        st.compile_elementwise()
+    return st
 
 
 def _free_port() -> int:
@@ -68,7 +95,7 @@ def _rank_main(rank: int, world: int, port: int, args, q) -> None:
     faulthandler.dump_traceback_later(args.timeout, exit=True)
     from dualparal_core.comm import destroy_groups, init_groups
     from dualparal_core.engine import RankEngine
-    from dualparal_core.model import WanStage
+    from dualparal_core.experts import Experts
     from dualparal_core.protocol import Job
 
     cuda = args.device == "cuda"
@@ -81,14 +108,11 @@ def _rank_main(rank: int, world: int, port: int, args, q) -> None:
     pipe = init_groups(rank, world, dev, f"tcp://127.0.0.1:{port}") if world > 1 else None
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     t0 = time.time()
-    st = WanStage(cfg, split_layers(cfg.num_layers, world)[rank], embed=rank == 0, head=rank == world - 1,
-                  dtype=dtype, device=dev, attention_backend=args.attention)
-    st.init_random(0)
-    if args.fuse:
-        st.fuse_qkv()
-    if args.compile and cuda:
-        st.compile_elementwise()
+    layers = split_layers(cfg.num_layers, world)[rank]
+    stages = [_stage(cfg, layers, rank, world, dtype, dev, args, seed) for seed in range(args.experts)]
+    st = stages[0] if args.experts == 1 else Experts(stages, args.boundary)
     load_s = time.time() - t0
+    weights_gib = torch.cuda.memory_allocated(dev) / 2**30 if cuda else 0.0
     eng = RankEngine(st, pipe, max_in_flight=args.in_flight)
     H, W = args.height // 8, args.width // 8
     g = torch.Generator().manual_seed(0)
@@ -97,8 +121,8 @@ def _rank_main(rank: int, world: int, port: int, args, q) -> None:
 
     def job(frames, steps, P, K):
         sc = SamplingConfig(sigmas=_sigmas(steps), sampler=args.sampler, cfg=args.cfg, seed=0,
-                            noise_mode="coordinated", num_per_block=P, num_cat=K)
-        return Job(sc, (1, 16, frames, H, W), cond, uncond if args.cfg != 1 else None)
+                            noise_mode="coordinated", num_per_block=P, num_cat=K, cfg_low=args.cfg_low)
+        return Job(sc, (1, 16, frames, H, W), cond, uncond if sc.use_cfg else None)
 
     results = []
     for name, frames, P, K in args.runs:
@@ -118,7 +142,8 @@ def _rank_main(rank: int, world: int, port: int, args, q) -> None:
         dt = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else 0.0
         resv = torch.cuda.max_memory_reserved(dev) / 2**30 if cuda else 0.0
-        results.append(dict(name=name, rank=rank, seconds=dt, peak_gib=peak, reserved_gib=resv, load_s=load_s))
+        results.append(dict(name=name, rank=rank, seconds=dt, peak_gib=peak, reserved_gib=resv, load_s=load_s,
+                            weights_gib=weights_gib))
         print(f"[rank {rank}] {name}: {dt:.2f} s, peak {peak:.2f} GiB, reserved {resv:.2f} GiB", flush=True)
     if args.verify and rank == 0:
         results.append(dict(name="verify", rank=0, latents=eng.run_job(job(24, 3, args.P, args.K)).numpy()))
@@ -173,6 +198,12 @@ def main() -> None:
     ap.add_argument("--verify", action="store_true",
                     help="also run a small job on every world size and compare the latents with world size 1")
     ap.add_argument("--compile", action="store_true", help="torch.compile the elementwise chains")
+    ap.add_argument("--experts", type=int, choices=[1, 2], default=1,
+                    help="2: a Wan2.2 A14B style pair (random high- and low-noise experts of --model's shape)")
+    ap.add_argument("--boundary", type=float, default=0.875, help="sigma where the low-noise expert takes over")
+    ap.add_argument("--cfg-low", type=float, default=None, help="cfg of the low-noise expert (default: --cfg)")
+    ap.add_argument("--weights", choices=["dequant", "fp8"], default="dequant",
+                    help="fp8: the blocks' Linear weights held in fp8 and dequantised per layer (PoolSpec.weights)")
     ap.add_argument("--in-flight", type=int, default=None)
     ap.add_argument("--baseline", action="store_true", help="also run 1-GPU full-sequence sampling")
     ap.add_argument("--timeout", type=float, default=900)
@@ -181,6 +212,10 @@ def main() -> None:
     cfg = WanConfig.tiny() if args.tiny else MODELS[args.model]()
     tpf = (args.height // 16) * (args.width // 16)
     b = 2 if args.cfg != 1 else 1
+    b_low = b if args.cfg_low is None else (2 if args.cfg_low != 1 else 1)
+    experts = None
+    if args.experts == 2:
+        experts = [0 if s >= args.boundary else 1 for s in _sigmas(args.steps)[:-1]]
     rows = []
     dev_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     verify = {}
@@ -192,24 +227,26 @@ def main() -> None:
                 verify[world] = r["latents"]
         for r in _aggregate([r for r in res if r["name"] != "verify"], world):
             f = int(r["name"].split("T=")[1])
-            fl = job_flops(cfg, BlockLayout(f, args.P, args.K), args.steps, tpf, b)
-            rows.append(dict(r, world=world, frames=f, flops=fl))
+            fl = job_flops(cfg, BlockLayout(f, args.P, args.K), args.steps, tpf, b, experts, b_low)
+            rows.append(dict(r, world=world, frames=f, flops=fl, plan_gib=_plan(cfg, world, args, args.P, args.K,
+                                                                                  tpf, b, b_low)))
             _row(rows[-1])
     if args.baseline:
         runs = [(f"full-sequence 1 GPU T={f}", f, f, 0) for f in args.frames]
         for r in _aggregate(run(1, args, runs), 1):
             f = int(r["name"].split("T=")[1])
-            fl = job_flops(cfg, BlockLayout(f, f, 0), args.steps, tpf, b)
-            rows.append(dict(r, world=1, frames=f, flops=fl))
+            fl = job_flops(cfg, BlockLayout(f, f, 0), args.steps, tpf, b, experts, b_low)
+            rows.append(dict(r, world=1, frames=f, flops=fl, plan_gib=_plan(cfg, 1, args, f, 0, tpf, b, b_low)))
             _row(rows[-1])
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"\n{dev_name}, torch {torch.__version__}, {stamp}; {args.model if not args.tiny else 'tiny'} "
           f"{args.dtype}, {args.height}x{args.width}, {args.steps} steps, cfg {args.cfg}, P={args.P} K={args.K}, "
-          f"attention={args.attention}, sampler={args.sampler}, fuse={args.fuse}, compile={args.compile}")
+          f"attention={args.attention}, sampler={args.sampler}, fuse={args.fuse}, compile={args.compile}, "
+          f"experts={args.experts} (boundary {args.boundary}, cfg_low {args.cfg_low}), weights={args.weights}")
     print(f"command: python {' '.join(sys.argv)}")
     print("| run | GPUs | latent frames | video frames | time (s) | TFLOP/s per GPU | peak GiB/GPU (alloc) |"
-          " reserved GiB/GPU |")
-    print("|---|---|---|---|---|---|---|---|")
+          " reserved GiB/GPU | weights GiB/GPU (alloc) | planned GiB/GPU (memplan) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         _row(r)
     if verify:
@@ -224,14 +261,28 @@ def main() -> None:
 def _row(r: dict) -> None:
     tf = r["flops"] / r["seconds"] / r["world"] / 1e12
     print(f"| {r['name']} | {r['world']} | {r['frames']} | {(r['frames'] - 1) * 4 + 1} | {r['seconds']:.1f} | "
-          f"{tf:.0f} | {r['peak_gib']:.2f} | {r['reserved_gib']:.2f} |", flush=True)
+          f"{tf:.0f} | {r['peak_gib']:.2f} | {r['reserved_gib']:.2f} | {r['weights_gib']:.2f} | "
+          f"{r['plan_gib']:.2f} |", flush=True)
+
+
+def _plan(cfg: WanConfig, world: int, args, P: int, K: int, tpf: int, b: int, b_low: int) -> float:
+    """The largest rank's planned GiB (dualparal_core.memplan), to set beside the measured peak."""
+    from dualparal_core.memplan import plan_rank
+
+    batches = (b,) if args.experts == 1 else (b, b_low)
+    dtype = args.dtype if args.dtype in ("bf16", "fp16", "fp32") else "bf16"
+    return max(plan_rank(cfg, layers, embed=r == 0, head=r == world - 1, dtype=dtype, fp8=args.weights == "fp8",
+                         experts=args.experts, batches=batches, frames_p=P, frames_k=K, tpf=tpf).gib()["total"]
+               for r, layers in enumerate(split_layers(cfg.num_layers, world)))
 
 
 def _aggregate(results: list[dict], world: int) -> list[dict]:
     """One row per run: the slowest rank's time and the largest per-rank memory."""
     by = {}
     for r in results:
-        a = by.setdefault(r["name"], dict(name=r["name"], seconds=0.0, peak_gib=0.0, reserved_gib=0.0))
+        a = by.setdefault(r["name"], dict(name=r["name"], seconds=0.0, peak_gib=0.0, reserved_gib=0.0,
+                                          weights_gib=0.0))
+        a["weights_gib"] = max(a["weights_gib"], r.get("weights_gib", 0.0))
         a["seconds"] = max(a["seconds"], r["seconds"])
         a["peak_gib"] = max(a["peak_gib"], r["peak_gib"])
         a["reserved_gib"] = max(a["reserved_gib"], r["reserved_gib"])

@@ -350,7 +350,8 @@ def _wanted(name: str, layers: range, embed: bool, head: bool) -> bool:
 
 
 def load_stage_weights(path: str, layers: range, *, embed: bool, head: bool, dtype: torch.dtype,
-                       device: str | torch.device = "cpu", info: CheckpointInfo | None = None) -> dict[str, torch.Tensor]:
+                       device: str | torch.device = "cpu", info: CheckpointInfo | None = None,
+                       keep_fp8: bool = False) -> dict[str, torch.Tensor]:
     """Read one rank's slice: diffusers names with absolute block indices, tensor by tensor (host memory ~ the slice).
 
     Tensors are read with plain positioned reads into memory they own (no mmap of the whole file, whose touched
@@ -359,7 +360,11 @@ def load_stage_weights(path: str, layers: range, *, embed: bool, head: bool, dty
     Returns ``blocks.{i}.*`` for i in ``layers``, always ``condition_embedder.*``, ``patch_embedding.*`` when
     ``embed``, ``proj_out.*`` and the top-level ``scale_shift_table`` when ``head``. fp8 weights are dequantised
     (``weight.float() * scale_weight``); everything is cast to ``dtype`` except diffusers' keep-in-fp32 modules.
+    ``keep_fp8``: the blocks' Linear weights stay fp8 instead, with their scale as ``<module>.scale_weight``
+    (weights stored in another dtype are quantised per tensor), for :mod:`dualparal_core.fp8`.
     """
+    from dualparal_core.fp8 import fp8_target, is_fp8, quantise, scale_key
+
     path = os.fspath(path)
     index, base = _read_index(path)
     plan_info, plan = _plan({k: v[:2] for k, v in index.items()}, path)
@@ -376,6 +381,16 @@ def load_stage_weights(path: str, layers: range, *, embed: bool, head: bool, dty
     with open(path, "rb") as fh:
         for name, src in wanted:
             t = _read_tensor(fh, index[src.key], base, path, src.key).to(device)
+            if keep_fp8 and fp8_target(name, t.shape):
+                if not is_fp8(t):
+                    out[name], out[scale_key(name)] = quantise(t)
+                else:
+                    out[name] = t
+                    if src.scale is not None:
+                        out[scale_key(name)] = _read_tensor(fh, index[src.scale], base, path, src.scale).to(
+                            device, torch.float32)
+                nbytes += t.numel() * out[name].element_size()
+                continue
             if src.scale is not None:
                 scale = _read_tensor(fh, index[src.scale], base, path, src.scale).to(device, torch.float32)
                 try:

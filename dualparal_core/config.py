@@ -15,6 +15,10 @@ SAMPLER_NAMES: tuple[str, ...] = ("euler", "uni_pc", "uni_pc_bh2", "dpmpp_2m")
 NOISE_MODES: tuple[str, ...] = ("coordinated", "independent")
 #: Compute dtypes a user may pick.
 DTYPES: tuple[str, ...] = ("bf16", "fp16", "fp32")
+#: How fp8 weights are held in memory: dequantised at load, or kept in fp8 and dequantised per layer on the fly.
+WEIGHT_MODES: tuple[str, ...] = ("dequant", "fp8")
+#: Which expert of a Wan2.2 A14B pair a LoRA is merged into.
+LORA_EXPERTS: tuple[str, ...] = ("both", "high", "low")
 
 
 @dataclass(frozen=True)
@@ -176,6 +180,9 @@ class SamplingConfig:
     """K, context frames."""
     add_noise: bool = True
     """Whether to add noise to the initial latent (False: the latent is already noisy, as KSamplerAdvanced)."""
+    cfg_low: float | None = None
+    """Guidance scale of the low-noise expert of a two-expert model (Wan2.2 A14B); None: the same as ``cfg``.
+    Ignored with one expert."""
 
     def __post_init__(self) -> None:
         s = self.sigmas
@@ -191,6 +198,9 @@ class SamplingConfig:
             raise ValueError(f"noise_mode={self.noise_mode!r} is not supported; choose one of {list(NOISE_MODES)}.")
         if not math.isfinite(self.cfg) or self.cfg < 0:
             raise ValueError(f"cfg={self.cfg} must be a finite number >= 0 (1.0 disables guidance).")
+        if self.cfg_low is not None and (not math.isfinite(self.cfg_low) or self.cfg_low < 0):
+            raise ValueError(f"cfg_low={self.cfg_low} must be a finite number >= 0 (1.0 disables guidance for the "
+                             f"low-noise expert), or None for the same as cfg.")
         BlockLayout(1, self.num_per_block, self.num_cat)  # validates P and K
 
     @property
@@ -199,7 +209,12 @@ class SamplingConfig:
 
     @property
     def use_cfg(self) -> bool:
-        return self.cfg != 1.0
+        """Whether any expert runs with guidance (the job then needs a negative conditioning)."""
+        return self.cfg != 1.0 or (self.cfg_low is not None and self.cfg_low != 1.0)
+
+    def guidance(self, expert: int) -> float:
+        """Guidance scale of expert 0 (the only or the high-noise one) or 1 (the low-noise one)."""
+        return self.cfg if expert == 0 or self.cfg_low is None else self.cfg_low
 
     def layout(self, num_frames: int) -> BlockLayout:
         return BlockLayout(num_frames, self.num_per_block, self.num_cat)
@@ -231,13 +246,43 @@ class ModelSource:
     random_seed: int = 0
     """Seed of the random weights."""
     low_noise_path: str | None = None
-    """Second expert (Wan2.2 A14B low-noise), optional."""
+    """Second expert (Wan2.2 A14B low-noise), optional; ``path`` is then the high-noise expert."""
+    random_low_seed: int | None = None
+    """With ``random_config``: also build a random low-noise expert from this seed (tests, benchmarks)."""
+    boundary: float = 0.875
+    """Two experts: a block-step uses the high-noise expert while its sigma >= boundary, the low-noise one after
+    (Wan2.2 A14B T2V: 0.875). Ignored with one expert."""
     loras: tuple[tuple[str, float, str], ...] = field(default_factory=tuple)
-    """(file, strength, expert) LoRAs merged into each rank's slice."""
+    """(file, strength, expert) LoRAs merged into each rank's slice; expert "both", "high" or "low"."""
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.random_config is None):
             raise ValueError("ModelSource needs exactly one of path= (a checkpoint file) or random_config=.")
+        if self.low_noise_path is not None and self.path is None:
+            raise ValueError("low_noise_path needs path= (the high-noise expert's file); a random model takes "
+                             "random_low_seed= instead.")
+        if self.random_low_seed is not None and self.random_config is None:
+            raise ValueError("random_low_seed only applies to a random model (random_config=); give a file as "
+                             "low_noise_path= instead.")
+        if not math.isfinite(self.boundary) or not 0.0 <= self.boundary <= 1.0:
+            raise ValueError(f"boundary={self.boundary} must lie between 0 and 1 (a sigma; Wan2.2 A14B T2V uses "
+                             f"0.875, I2V 0.9).")
+        for entry in self.loras:
+            if len(entry) > 2 and str(entry[2]).lower() not in LORA_EXPERTS:
+                raise ValueError(f"LoRA {entry[0]!r}: expert={entry[2]!r} is not one of {list(LORA_EXPERTS)}.")
+            if len(entry) > 2 and str(entry[2]).lower() == "low" and not self.two_experts:
+                raise ValueError(f"LoRA {entry[0]!r} is meant for the low-noise expert (expert='low'), but the "
+                                 f"model has one expert: set a low-noise model, or use expert 'both'.")
+
+    @property
+    def two_experts(self) -> bool:
+        """Whether this is a Wan2.2 A14B style pair (high-noise + low-noise expert)."""
+        return self.low_noise_path is not None or self.random_low_seed is not None
+
+    def expert_loras(self, expert: int) -> list[tuple]:
+        """The LoRA entries of expert 0 (the only or the high-noise one: "both" and "high") or 1 ("both", "low")."""
+        want = ("both", "high") if expert == 0 else ("both", "low")
+        return [e for e in self.loras if (str(e[2]).lower() if len(e) > 2 else "both") in want]
 
 
 @dataclass(frozen=True)
@@ -257,6 +302,10 @@ class PoolSpec:
     compile: bool | None = None
     """torch.compile the elementwise chains of each layer (None: on for CUDA, off for CPU). The first job of a
     new shape pays a one-off compile (tens of seconds); later jobs run about 25 % faster (H100, S1 shapes)."""
+    weights: str = "dequant"
+    """"dequant": weights are held in the compute dtype (fp8 files dequantised at load). "fp8": the transformer
+    blocks' Linear weights are held in fp8 with a float32 scale (fp8 files as stored, others quantised at load)
+    and dequantised layer by layer in the forward: about half the weight memory of bf16."""
 
     def __post_init__(self) -> None:
         if not self.devices:
@@ -269,6 +318,8 @@ class PoolSpec:
             raise ValueError(f"devices={list(self.devices)} lists a GPU twice; each rank needs its own GPU.")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not supported; choose one of {list(DTYPES)}.")
+        if self.weights not in WEIGHT_MODES:
+            raise ValueError(f"weights={self.weights!r} is not supported; choose one of {list(WEIGHT_MODES)}.")
 
     @property
     def world_size(self) -> int:

@@ -4,6 +4,12 @@ Rank 0 holds the latents, embeds each block-step's input window, runs its layers
 middle ranks run their layers; the last rank applies the head and CFG and returns the velocity of the block's own
 frames to rank 0. Every rank walks :class:`~dualparal_core.schedule.Schedule` items in the same order, which is what
 lets each keep the right-context K/V of the previous item locally (it never leaves the rank that owns the layers).
+
+Two experts (Wan2.2 A14B, :mod:`~dualparal_core.experts`): each item runs the expert of its step's sigma, with that
+expert's guidance scale, so the batch (2 with CFG, 1 without) may change from one item to the next; every rank
+derives both from the schedule. The right-context cache only passes between items of the same expert: the one
+block-step of each block that is the first on the low-noise expert (its newer neighbour is still on the high-noise
+one) runs without right context — no keys of one expert ever meet the other's queries.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 from .comm import HEADER_STOP, Pipe
+from .experts import Experts, as_experts
 from .model import WanStage
 from .noise import initial_noise
 from .protocol import Job, pad_contexts
@@ -31,7 +38,8 @@ class JobCancelled(Exception):
 class RankEngine:
     """Runs jobs on one rank. ``pipe`` is None for a single process owning every layer."""
 
-    def __init__(self, stage: WanStage, pipe: Pipe | None = None, max_in_flight: int | None = None):
+    def __init__(self, stage: WanStage | Experts, pipe: Pipe | None = None, max_in_flight: int | None = None):
+        self.model = as_experts(stage)
         self.stage = stage
         self.pipe = pipe
         self.rank = 0 if pipe is None else pipe.rank
@@ -50,12 +58,18 @@ class RankEngine:
         self.job, self.sc = job, sc
         self.layout = sc.layout(job.shape[2])
         self.schedule = Schedule(self.layout, sc.steps)
-        self.cfg_batch = 2 if sc.use_cfg else 1
-        ctx = job.cond
-        if sc.use_cfg:
-            ctx = torch.cat(pad_contexts(job.cond, job.uncond), dim=0)
-        self.text = self.stage.prepare_text(ctx)
-        pt, ph, pw = self.stage.config.patch_size
+        # per step: its expert; per expert: guidance scale, batch (2 with CFG) and text K/V (once per job)
+        self.expert = [self.model.expert(s) for s in sc.sigmas[:-1]]
+        self.cfg = [sc.guidance(e) for e in range(len(self.model))]
+        self.batch = [2 if c != 1.0 else 1 for c in self.cfg]
+        self.text = {}
+        for e in sorted(set(self.expert)):
+            if self.batch[e] == 2 and job.uncond is None:
+                raise ValueError(f"cfg{'_low' if e else ''}={self.cfg[e]} needs a negative conditioning; connect "
+                                 f"one or set it to 1.0.")
+            ctx = torch.cat(pad_contexts(job.cond, job.uncond), dim=0) if self.batch[e] == 2 else job.cond
+            self.text[e] = self.model.stages[e].prepare_text(ctx)
+        pt, ph, pw = self.model.config.patch_size
         self.hw = (job.shape[3] // ph) * (job.shape[4] // pw)
         self.grid_hw = (job.shape[3] // ph, job.shape[4] // pw)
         self._tcache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -64,9 +78,17 @@ class RankEngine:
     def _temb(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Modulation for a step's timestep (sigma * 1000), computed once per job and step on every rank."""
         if step not in self._tcache:
-            t = torch.full((self.cfg_batch,), float(self.sc.sigmas[step]) * 1000.0, dtype=torch.float32)
-            self._tcache[step] = self.stage.time_embed(t)
+            e = self.expert[step]
+            t = torch.full((self.batch[e],), float(self.sc.sigmas[step]) * 1000.0, dtype=torch.float32)
+            self._tcache[step] = self.model.stages[e].time_embed(t)
         return self._tcache[step]
+
+    def _uses_right(self, item: Item) -> bool:
+        """Whether an item attends to the cache its next-newer neighbour (the previous item) left: only when both
+        ran the same expert (the neighbour is one step less far along, so they differ once per block: at the
+        block's first low-noise step, while its neighbour takes its last high-noise one)."""
+        return (item.right_ctx and self.sc.num_cat > 0
+                and self.expert[item.step - 1] == self.expert[item.step])
 
     def _window(self, item: Item) -> tuple[int, int, int]:
         """(input frames, left-context frames, own frames) of an item's window."""
@@ -77,21 +99,25 @@ class RankEngine:
     def _layers(self, item: Item, h: torch.Tensor) -> torch.Tensor:
         """This rank's layers for one item, reading and leaving the right-context cache."""
         frames, ctx, _ = self._window(item)
-        right = self._right if (item.right_ctx and self.sc.num_cat > 0) else None
+        right, self._right = self._right, None  # released as its layers consume it (or at once if unused)
+        if not self._uses_right(item):
+            right = None
         nxt = item.index + 1
         keep = None
-        if self.sc.num_cat > 0 and nxt < len(self.schedule) and self.schedule.items[nxt].right_ctx:
+        if nxt < len(self.schedule) and self._uses_right(self.schedule.items[nxt]):
             keep = (ctx * self.hw, self.layout.right_context_frames(item.block) * self.hw)
-        h, self._right = self.stage.blocks_forward(h, self._temb(item.step)[0], self.text,
-                                                   (frames, *self.grid_hw), right=right, keep=keep)
+        e = self.expert[item.step]
+        h, self._right = self.model.blocks_forward(h, self._temb(item.step)[0], self.text[e],
+                                                   (frames, *self.grid_hw), right=right, keep=keep, expert=e)
         return h
 
     def _head(self, item: Item, h: torch.Tensor) -> torch.Tensor:
         """Velocity [1, C, own, H, W] float32 of the item's own frames, CFG applied."""
         _, ctx, own = self._window(item)
-        v = self.stage.head(h[:, ctx * self.hw:], self._temb(item.step)[1], (own, *self.grid_hw))
-        if self.cfg_batch == 2:
-            v = v[1:2] + self.sc.cfg * (v[0:1] - v[1:2])
+        e = self.expert[item.step]
+        v = self.model.stages[e].head(h[:, ctx * self.hw:], self._temb(item.step)[1], (own, *self.grid_hw))
+        if self.batch[e] == 2:
+            v = v[1:2] + self.cfg[e] * (v[0:1] - v[1:2])
         return v
 
     # ------------------------------------------------------------------ public entry
@@ -101,7 +127,7 @@ class RankEngine:
 
         Raises JobCancelled on every rank when rank 0 saw ``cancelled()`` turn true (checked every block-step).
         """
-        job.validate(self.stage.config)
+        job.validate(self.model.config)
         self._prepare(job)
         self.jobs_run += 1
         try:
@@ -130,7 +156,7 @@ class RankEngine:
         for b in range(B):
             x0 = latent[b:b + 1].float()
             x = sigma0 * noise[b:b + 1].float() + (1.0 - sigma0) * x0 if sc.add_noise else x0.clone()
-            x = x.to(self.stage.device)
+            x = x.to(self.model.device)
             for info in self._sample_video(x, cancelled):
                 done += 1
                 if progress is not None:
@@ -181,8 +207,9 @@ class RankEngine:
 
     def _issue(self, item: Item, x: torch.Tensor):
         s0, e0 = self.layout.input_span(item.block)
-        h = self.stage.embed(x[:, :, s0:e0])
-        if self.cfg_batch == 2:
+        e = self.expert[item.step]
+        h = self.model.stages[e].embed(x[:, :, s0:e0])
+        if self.batch[e] == 2:
             h = h.expand(2, -1, -1).contiguous()
         if self.world == 1:
             return self._head(item, self._layers(item, h))
@@ -200,7 +227,7 @@ class RankEngine:
 
     # ------------------------------------------------------------------ ranks 1..N-1
     def _serve_video(self) -> None:
-        c = self.stage.config
+        c = self.model.config
         for item in self.schedule.items:
             idx = self.pipe.recv_header()
             if idx == HEADER_STOP:
@@ -211,7 +238,7 @@ class RankEngine:
                 raise RuntimeError(f"rank {self.rank} expected block-step {item.index}, got {idx}: "
                                    f"the ranks disagree on the schedule.")
             frames, _, _ = self._window(item)
-            h = self.pipe.recv_prev((self.cfg_batch, frames * self.hw, c.dim), self.stage.dtype)
+            h = self.pipe.recv_prev((self.batch[self.expert[item.step]], frames * self.hw, c.dim), self.model.dtype)
             h = self._layers(item, h)
             if self.pipe.is_last:
                 self.pipe.send_first(self._head(item, h).contiguous())
@@ -219,7 +246,7 @@ class RankEngine:
                 self.pipe.send_next(item.index, h)
 
 
-def run_single_process(stage: WanStage, job: Job, progress: ProgressFn | None = None,
+def run_single_process(stage: WanStage | Experts, job: Job, progress: ProgressFn | None = None,
                        cancelled: Callable[[], bool] | None = None) -> torch.Tensor:
-    """The reference: the whole block schedule in one process on a stage that owns every layer."""
+    """The reference: the whole block schedule in one process on a stage (or expert pair) owning every layer."""
     return RankEngine(stage).run_job(job, progress, cancelled)

@@ -156,13 +156,24 @@ class WanStage(nn.Module):
             if p.dtype != want:
                 p.data = p.data.to(want)
 
-    def load_weights(self, sd: dict[str, torch.Tensor], strict: bool = True) -> None:
-        """Load diffusers-named weights (absolute block indices); keys of other stages are ignored."""
+    def load_weights(self, sd: dict[str, torch.Tensor], strict: bool = True, assign: bool = False) -> None:
+        """Load diffusers-named weights (absolute block indices); keys of other stages are ignored.
+
+        ``assign``: take the tensors of ``sd`` as the parameters (cast only where the dtype differs) instead of
+        copying into preallocated ones: with a stage built on the meta device, the slice is in memory once.
+        """
         own = self.state_dict()
         missing = [k for k in own if k not in sd]
         if strict and missing:
             raise ValueError(f"Weights for layers {self.layers} are missing {len(missing)} tensors, e.g. "
                              f"{missing[:3]}; the checkpoint does not match the model shape {self.config}.")
+        if assign:
+            for k, p in own.items():
+                if k in sd and tuple(sd[k].shape) != tuple(p.shape):
+                    raise ValueError(f"Tensor {k} has shape {tuple(sd[k].shape)}, expected {tuple(p.shape)}.")
+            self.load_state_dict({k: sd[k] if sd[k].dtype == p.dtype else sd[k].to(p.dtype)
+                                  for k, p in own.items() if k in sd}, strict=False, assign=True)
+            return
         with torch.no_grad():
             for k, p in own.items():
                 if k in sd:
@@ -229,6 +240,8 @@ class WanStage(nn.Module):
             tproj: [b, 6, dim] modulation from :meth:`time_embed`.
             grid: (F, h, w) tokens of the window.
             right: {layer: (k, v)} raw projected K/V [b, R, dim] of the next-newer block's first frames, or None.
+                It is consumed: each layer's entry is dropped from the dict once used, so the old cache and the
+                new one never both stay whole in memory.
             keep: (start, length) token range of this window whose raw K/V the older neighbour will need, or None.
         Returns: hidden states, and the cache {layer: (k, v)} for the older neighbour (None if ``keep`` is None).
         """
@@ -238,7 +251,7 @@ class WanStage(nn.Module):
         L = F_ * gh * gw
         cache = {} if keep is not None else None
         for i in self.layers:
-            r = None if right is None else right[i]
+            r = None if right is None else right.pop(i)
             h, kv = self._layer(self.blocks[str(i)], h, tproj, text.kv[i], cos, sin, L, r, keep)
             if cache is not None:
                 cache[i] = kv
@@ -281,9 +294,15 @@ class WanStage(nn.Module):
     @torch.no_grad()
     def fuse_qkv(self) -> None:
         """Replace each self-attention's three projections by one GEMM (after weights and LoRAs are in)."""
+        from .fp8 import Fp8Linear
+
         for blk in self.blocks.values():
             a = blk.attn1
             if hasattr(a, "to_qkv"):
+                continue
+            if isinstance(a.to_q, Fp8Linear):  # fp8 weights: stacked, with one scale per output row
+                a.to_qkv = Fp8Linear.cat([a.to_q, a.to_k, a.to_v])
+                del a.to_q, a.to_k, a.to_v
                 continue
             w = torch.cat([a.to_q.weight, a.to_k.weight, a.to_v.weight])
             b = torch.cat([a.to_q.bias, a.to_k.bias, a.to_v.bias])

@@ -17,11 +17,29 @@ from .config import ModelSource, PoolSpec, WanConfig, split_layers
 TORCH_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def check_source(source: ModelSource) -> None:
-    """Refuse what the workers cannot load yet, with a sentence naming the input."""
-    if source.low_noise_path is not None:
-        raise ValueError("low_noise_path (a second Wan2.2 expert) is not supported by the DualParal workers yet; "
-                         "load one expert per Loader.")
+def check_source(source: ModelSource) -> tuple[ModelSource, WanConfig]:
+    """The source with absolute paths and its model shape; refuses a missing file, and an expert pair whose two
+    models differ in shape (a sentence naming both files)."""
+    if source.path is None:
+        return source, source.random_config
+    from .checkpoint import inspect_checkpoint
+
+    paths, configs = [], []
+    for p in (source.path, source.low_noise_path):
+        if p is None:
+            continue
+        path = os.path.abspath(os.path.expanduser(os.fspath(p)))
+        if not os.path.isfile(path):
+            raise ValueError(f"Checkpoint '{path}' does not exist; check the model path.")
+        paths.append(path)
+        configs.append(inspect_checkpoint(path).config)
+    if len(configs) == 2 and configs[0] != configs[1]:
+        a, b = configs
+        raise ValueError(
+            f"The two experts differ in shape: high-noise '{paths[0]}' is {a.dim} wide with {a.num_layers} layers "
+            f"(ffn {a.ffn_dim}), low-noise '{paths[1]}' is {b.dim} wide with {b.num_layers} layers (ffn "
+            f"{b.ffn_dim}). Both must be models of one Wan2.2 A14B pair (or any two models of the same shape).")
+    return replace(source, path=paths[0], low_noise_path=paths[1] if len(paths) == 2 else None), configs[0]
 
 
 def model_config(source: ModelSource) -> WanConfig:
@@ -71,24 +89,13 @@ def check_spec(spec: PoolSpec, env: dict[str, str]) -> tuple[PoolSpec, WanConfig
     """Every check that can run before a process starts; returns the spec with an absolute model path."""
     if not isinstance(spec, PoolSpec):
         raise TypeError(f"expected a PoolSpec, got {type(spec).__name__}")
-    src = spec.source
-    check_source(src)
-    if src.path is not None:
-        path = os.path.abspath(os.path.expanduser(os.fspath(src.path)))
-        if not os.path.isfile(path):
-            raise ValueError(f"Checkpoint '{path}' does not exist; check the model path.")
-        from .checkpoint import inspect_checkpoint
-
-        config = inspect_checkpoint(path).config
-        spec = replace(spec, source=replace(src, path=path))
-    else:
-        config = src.random_config
+    src, config = check_source(spec.source)
+    spec = replace(spec, source=src)
     split_layers(config.num_layers, spec.world_size)
     gpus = [d for d in spec.devices if d.startswith("cuda")]
     if gpus:
         if any(not d.startswith("cuda:") or not d[5:].isdigit() for d in gpus):
             raise ValueError(f"devices={list(spec.devices)}: name each GPU by index, e.g. 'cuda:0', 'cuda:1'.")
-        check_nccl(spec.devices)
         visible = _count_cuda(env)
         missing = [d for d in gpus if int(d[5:]) >= visible]
         if missing:
@@ -98,47 +105,96 @@ def check_spec(spec: PoolSpec, env: dict[str, str]) -> tuple[PoolSpec, WanConfig
                 f"device(s) (CUDA_VISIBLE_DEVICES={'unset' if cvd is None else repr(cvd)}). Use devices among "
                 + (f"cuda:0..cuda:{visible - 1}" if visible else "'cpu'")
                 + ", or make more GPUs visible (ComfyUI's --cuda-device sets CUDA_VISIBLE_DEVICES).")
+        check_nccl(spec.devices)  # after visibility: "no such GPU" is the more useful message on a CPU-only box
     return spec, config
 
 
 def build_stage(spec: PoolSpec, rank: int, device: str | torch.device | None = None):
-    """Build and load rank ``rank``'s :class:`~dualparal_core.model.WanStage`; returns (stage, info dict).
+    """Build and load rank ``rank``'s model: a :class:`~dualparal_core.model.WanStage`, or for an expert pair
+    an :class:`~dualparal_core.experts.Experts` of two stages of the same layers; returns (model, info dict).
 
-    Only this rank's slice is read from a checkpoint file; random weights are seeded per tensor name, so every
-    layer split gives the same model. LoRAs whose expert is not "low" are merged into the slice.
+    Only this rank's slice of each expert is read from its file, straight into the stage (built on the meta
+    device, loaded with ``assign``: no second copy); random weights are seeded per tensor name, so every layer
+    split gives the same model. Each expert's LoRAs (``ModelSource.expert_loras``) are merged into its slice.
     """
-    from .model import WanStage
-
-    check_source(spec.source)
     t0 = time.perf_counter()
-    config = model_config(spec.source)
+    src, config = check_source(spec.source)
     world = spec.world_size
     layers = stage_layers(config, world, rank)
     dev = torch.device(device if device is not None else spec.devices[rank])
-    dtype = TORCH_DTYPES[spec.dtype]
     embed, head = rank == 0, rank == world - 1
-    stage = WanStage(config, layers, embed=embed, head=head, dtype=dtype, device=dev,
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    stages = [_build_expert(spec, src, e, config, layers, dev) for e in range(2 if src.two_experts else 1)]
+    if len(stages) == 1:
+        model = stages[0]
+    else:
+        from .experts import Experts
+
+        model = Experts(stages, src.boundary)
+    load_s = time.perf_counter() - t0
+    actual = sum(t.numel() * t.element_size() for st in stages for t in (*st.parameters(), *st.buffers()))
+    logger.info("rank %d: layers %d..%d%s%s on %s (%s%s, %d expert%s) ready in %.2f s", rank, layers.start,
+                layers.stop - 1, " +embed" if embed else "", " +head" if head else "", dev, spec.dtype,
+                ", fp8 weights" if spec.weights == "fp8" else "", len(stages), "s" if len(stages) > 1 else "",
+                load_s)
+    from .memplan import load_report, weight_bytes
+
+    planned = len(stages) * weight_bytes(config, layers, embed=embed, head=head, dtype=spec.dtype,
+                                         fp8=spec.weights == "fp8")
+    report = load_report(config, layers, embed=embed, head=head, dtype=spec.dtype, fp8=spec.weights == "fp8",
+                         experts=len(stages), actual_weight_bytes=actual)
+    if dev.type == "cuda":
+        report += (f"; CUDA allocated {torch.cuda.memory_allocated(dev) / 2**30:.2f}, peak while loading "
+                   f"{torch.cuda.max_memory_allocated(dev) / 2**30:.2f}")
+    logger.info("rank %d: %s", rank, report)
+    return model, {"config": config, "layers": (layers.start, layers.stop), "load_s": load_s,
+                   "experts": len(stages), "weight_bytes": actual, "planned_weight_bytes": planned}
+
+
+def _build_expert(spec: PoolSpec, src: ModelSource, expert: int, config: WanConfig, layers: range,
+                  dev: torch.device):
+    """One expert's stage of ``layers`` on ``dev``, with its LoRAs merged (and fp8 Linears when asked)."""
+    from . import fp8 as f8
+    from .model import WanStage
+
+    dtype, keep_fp8 = TORCH_DTYPES[spec.dtype], spec.weights == "fp8"
+    embed, head = layers.start == 0, layers.stop == config.num_layers
+    loras = src.expert_loras(expert)
+    path = src.path if expert == 0 else src.low_noise_path
+    stage = WanStage(config, layers, embed=embed, head=head, dtype=dtype, device="meta" if path else dev,
                      attention_backend=spec.attention)
-    loras = [e for e in spec.source.loras if len(e) < 3 or str(e[2]).lower() != "low"]
-    if spec.source.path is not None:
+    if path is not None:
         from .checkpoint import load_stage_weights
 
-        sd = load_stage_weights(spec.source.path, layers, embed=embed, head=head, dtype=dtype, device=dev)
+        sd = load_stage_weights(path, layers, embed=embed, head=head, dtype=dtype, device=dev, keep_fp8=keep_fp8)
     else:
-        stage.init_random(spec.source.random_seed)
-        sd = stage.state_dict() if loras else None
+        stage.init_random(src.random_seed if expert == 0 else src.random_low_seed)
+        sd = stage.state_dict() if (loras or keep_fp8) else None
+        if keep_fp8:
+            f8.quantise_state_dict(sd)
     if loras:
         from .lora import merge_loras
 
+        # fp8 weights a LoRA changes are dequantised, merged in the compute dtype and quantised again
+        touched = f8.dequantise_state_dict(sd, _lora_weight_keys(loras, sd), dtype) if keep_fp8 else []
         merge_loras(sd, loras, layers)
+        f8.quantise_state_dict(sd, touched)
     if sd is not None:
-        stage.load_weights(sd)
+        if keep_fp8:
+            f8.install_fp8_linears(stage, sd, dtype)
+        stage.load_weights(sd, assign=path is not None)
     del sd
     stage.eval()
     stage.fuse_qkv()  # after LoRAs are merged: one GEMM for q, k and v
     if spec.compile if spec.compile is not None else dev.type == "cuda":
         stage.compile_elementwise()
-    load_s = time.perf_counter() - t0
-    logger.info("rank %d: layers %d..%d%s%s on %s (%s) ready in %.2f s", rank, layers.start, layers.stop - 1,
-                " +embed" if embed else "", " +head" if head else "", dev, spec.dtype, load_s)
-    return stage, {"config": config, "layers": (layers.start, layers.stop), "load_s": load_s}
+    return stage
+
+
+def _lora_weight_keys(loras, sd) -> list[str]:
+    """The weights of ``sd`` that the LoRA files change."""
+    from .lora import inspect_lora
+
+    mods = {m for entry in loras for m in inspect_lora(os.fspath(entry[0])).targets}
+    return [k for m in mods for k in (m + ".weight", m) if k in sd]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dualparal_core.config import LORA_EXPERTS
+
 from . import bridge
 from .bridge import LorasSocket, io
 from .types import chain_loras
@@ -24,12 +26,16 @@ class DualParalLoRA(io.ComfyNode):
                                tooltip="Scale of the LoRA's update (W += strength * up @ down * alpha / rank)."),
                 LorasSocket.Input("previous", optional=True,
                                          tooltip="Earlier LoRAs of the chain (applied first)."),
+                io.Combo.Input("expert", options=list(LORA_EXPERTS), default="both", optional=True,
+                               tooltip="With a Wan2.2 A14B pair in the Loader: merge into both experts, only the "
+                                       "high-noise one, or only the low-noise one (e.g. a lightx2v LoRA for the "
+                                       "low-noise pass at cfg_low 1). With one model: 'both' or 'high'."),
             ],
             outputs=[LorasSocket.Output(display_name="loras",
                                                tooltip="The chain, for the Loader's 'loras' input.")],
         )
 
     @classmethod
-    def execute(cls, lora_name: str, strength: float, previous=None) -> io.NodeOutput:
+    def execute(cls, lora_name: str, strength: float, previous=None, expert: str = "both") -> io.NodeOutput:
         bridge.full_path("loras", lora_name)  # a clear error now if the file vanished
-        return io.NodeOutput(chain_loras(previous, lora_name, strength))
+        return io.NodeOutput(chain_loras(previous, lora_name, strength, expert))

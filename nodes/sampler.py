@@ -73,6 +73,10 @@ class DualParalSampler(io.ComfyNode):
                 io.Sigmas.Input("sigmas", optional=True,
                                 tooltip="Optional SIGMAS (e.g. from BasicScheduler); replaces steps, scheduler, "
                                         "shift and denoise."),
+                io.Float.Input("cfg_low", default=-1.0, min=-1.0, max=100.0, step=0.1, round=0.01, optional=True,
+                               tooltip="Guidance of the low-noise expert when the Loader has one (Wan2.2 A14B), "
+                                       "e.g. 1.0 with a distilled (lightx2v) LoRA on it. Negative (-1): the same "
+                                       "as cfg. Ignored with one model."),
             ],
             outputs=[io.Latent.Output(display_name="LATENT", tooltip="Denoised latent, raw VAE space.")],
             hidden=[io.Hidden.unique_id],
@@ -81,7 +85,7 @@ class DualParalSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed: int, steps: int, cfg: float,
                 sampler_name: str, scheduler: str, shift: float, denoise: float, num_per_block: int,
-                num_cat: int, noise_mode: str, sigmas=None) -> io.NodeOutput:
+                num_cat: int, noise_mode: str, sigmas=None, cfg_low: float = -1.0) -> io.NodeOutput:
         if not isinstance(model, DualParalModel):
             raise ValueError("model is not a DUALPARAL_MODEL; connect a DualParal Loader (ComfyUI MODEL outputs "
                              "cannot be used by the DualParal Sampler).")
@@ -93,13 +97,15 @@ class DualParalSampler(io.ComfyNode):
         samples = bridge.fix_latent(check_latent_dict(latent_image))
         check_latent_shape(samples, cfgm)
         cond = extract_conditioning(positive, "positive", cfgm.text_dim)
-        uncond = extract_conditioning(negative, "negative", cfgm.text_dim) if cfg != 1.0 else None
+        low = float(cfg_low) if getattr(model, "experts", 1) == 2 and cfg_low is not None and cfg_low >= 0 else None
+        guided = cfg != 1.0 or (low is not None and low != 1.0)
+        uncond = extract_conditioning(negative, "negative", cfgm.text_dim) if guided else None
         table = _sigma_table(sigmas, steps, sampler_name, scheduler, shift, denoise)
         if table.numel() < 2:  # denoise 0 (or an empty SIGMAS): KSampler returns the latent unchanged
             return io.NodeOutput(output_latent(latent_image, samples))
         sc = SamplingConfig(sigmas=tuple(float(s) for s in table), sampler=sampler_name, cfg=float(cfg),
                             seed=int(seed), noise_mode=noise_mode, num_per_block=int(num_per_block),
-                            num_cat=int(num_cat))
+                            num_cat=int(num_cat), cfg_low=low)
         fmt = bridge.latent_format()
         noise = None
         if noise_mode == "independent" and latent_image.get("batch_index") is not None:

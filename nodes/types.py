@@ -33,6 +33,8 @@ class DualParalModel:
     """The file name as picked in the Loader (for messages)."""
     key: tuple = field(default=(), compare=False)
     """Registry key: same key, same live pool."""
+    experts: int = 1
+    """2 for a Wan2.2 A14B pair (high-noise + low-noise expert)."""
 
 
 @dataclass(frozen=True)
@@ -200,13 +202,17 @@ def output_latent(latent: dict, samples: torch.Tensor) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- LoRAs
-def chain_loras(previous, name: str, strength: float) -> tuple[tuple[str, float], ...]:
-    """The DUALPARAL_LORAS value: the previous chain plus this (file name, strength)."""
+def chain_loras(previous, name: str, strength: float, expert: str = "both") -> tuple[tuple[str, float, str], ...]:
+    """The DUALPARAL_LORAS value: the previous chain plus this (file name, strength, expert)."""
+    from dualparal_core.config import LORA_EXPERTS
+
     prev = tuple(previous or ())
     for item in prev:
-        if not (isinstance(item, tuple) and len(item) == 2):
+        if not (isinstance(item, tuple) and len(item) in (2, 3)):
             raise ValueError("previous is not a DUALPARAL_LORAS chain; connect another DualParal LoRA node.")
-    return prev + ((str(name), float(strength)),)
+    if expert not in LORA_EXPERTS:
+        raise ValueError(f"expert={expert!r} is not one of {list(LORA_EXPERTS)}.")
+    return prev + ((str(name), float(strength), str(expert)),)
 
 
 def file_key(path: str) -> tuple:
