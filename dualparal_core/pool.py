@@ -361,6 +361,14 @@ class WorkerPool:
             raise
         return self
 
+    @classmethod
+    def attach(cls, target, timeouts: Timeouts = Timeouts(), **kw):  # noqa: B008 - frozen, never mutated
+        """Attach to a group that torchrun started (``-m dualparal_core.worker --serve``): ``target`` is
+        ``tcp://HOST:PORT`` or an AttachSpec; same job API, but close() only detaches (dualparal_core.attach)."""
+        from .attach import AttachedPool
+
+        return AttachedPool.connect(target, timeouts, **kw)
+
     def _await_ready(self, init: str | None, status: Callable[[str], None],
                      should_abort: Callable[[], bool] | None) -> None:
         g, t0 = self._group, time.monotonic()

@@ -68,7 +68,8 @@ class PoolRegistry:
         pool = self._pools.pop(key, None)
         if pool is None:
             return False
-        logger.info("Stopping DualParal workers (%s): %s", ", ".join(pool.spec.devices), reason)
+        what = "Detaching from the DualParal group" if hasattr(pool.spec, "address") else "Stopping DualParal workers"
+        logger.info("%s (%s): %s", what, ", ".join(pool.spec.devices), reason)
         try:
             pool.close()
         except Exception:  # closing must never mask the caller's own error; the pool logs its own details

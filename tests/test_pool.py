@@ -373,10 +373,12 @@ def test_gpu_groups_without_nccl_are_refused_before_any_spawn(monkeypatch):
     """Windows PyTorch has no NCCL: the message says what works instead, and nothing is started."""
     import torch.distributed as dist
 
+    from dualparal_core import runtime
     from dualparal_core.config import ModelSource, PoolSpec, WanConfig
     from dualparal_core.runtime import check_spec
 
     monkeypatch.setattr(dist, "is_nccl_available", lambda: False)
+    monkeypatch.setattr(runtime, "_count_cuda", lambda env: 2)  # as on a 2-GPU Windows box
     spec = PoolSpec(ModelSource(random_config=WanConfig.tiny()), devices=("cuda:0", "cuda:1"))
     with pytest.raises(ValueError, match=r"need NCCL.*WSL2.*cpu:2"):
         check_spec(spec, {})
