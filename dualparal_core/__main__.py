@@ -47,22 +47,32 @@ class _Bar:
         sys.stderr.flush()
 
 
-def _write_video(latents, vae_path: str, out: str, fps: float, block: int) -> None:
-    import imageio_ffmpeg
-    import numpy as np
+def _write_video(latents, vae_path: str, out: str, fps: float, block: int, pool=None) -> None:
+    """Decode block by block straight into an mp4: on the pool's ranks (one primed span each) when given and the
+    VAE is a .safetensors file, else in this process."""
     import torch
 
-    from .vae import WanVAEDecoder
+    from .decode import FrameSink, VideoWriter, decode_local, num_pixel_frames
+    from .vae import WanVAEDecoder, decoder_state_dict
 
-    dec = WanVAEDecoder.from_file(vae_path)
-    _, _, _, h, w = latents.shape
-    writer = imageio_ffmpeg.write_frames(out, (w * 8, h * 8), fps=fps, macro_block_size=1)
-    writer.send(None)
-    for frames in dec.stream(latents[:1], block):  # [1, 3, f, H, W] in [-1, 1], one block at a time
-        arr = ((frames[0].clamp(-1, 1) + 1) * 127.5).round().to(dtype=torch.uint8)
-        for f in arr.permute(1, 2, 3, 0).numpy():
-            writer.send(np.ascontiguousarray(f))
-    writer.close()
+    _, _, t, h, w = latents.shape
+    sink = FrameSink(1, num_pixel_frames(t), h * 8, w * 8, keep=False, writer=VideoWriter(out, w * 8, h * 8, fps))
+    try:
+        if pool is not None and vae_path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            from .decode_pool import decode_on_pool
+
+            sd = decoder_state_dict(load_file(vae_path), source=f"VAE file {vae_path}")
+            gpu = pool.spec.devices[0].startswith("cuda")
+            decode_on_pool(pool, latents[:1], sd, sink, dtype=torch.bfloat16 if gpu else torch.float32,
+                           block_size=block)
+        else:
+            decode_local(WanVAEDecoder.from_file(vae_path), latents[:1], block, sink)
+        sink.finish()
+    except BaseException:
+        sink.abort()
+        raise
 
 
 def _run(args, source, cond, uncond) -> int:
@@ -83,24 +93,26 @@ def _run(args, source, cond, uncond) -> int:
     job = Job(sc, shape, cond, uncond if args.cfg != 1 else None)
     print(f"DualParal: {latent_frames} latent frames ({args.frames} video frames) at {args.width}x{args.height}, "
           f"{sc.layout(latent_frames).num_blocks} blocks x {args.steps} steps on {', '.join(spec.devices)}")
+    out = Path(args.out)
+    if out.suffix == ".mp4" and not args.vae:
+        raise SystemExit("--out *.mp4 needs --vae (a Wan2.1 VAE .safetensors); or write .safetensors latents")
+    out.parent.mkdir(parents=True, exist_ok=True)
     pool = WorkerPool.start(spec, on_status=lambda s: print(f"  {s}"))
     try:
         t0 = time.time()
         lat = pool.generate(job, on_progress=_Bar())
         print(f"sampled in {time.time() - t0:.1f} s")
+        if out.suffix == ".mp4":
+            # the engine works in Wan21-normalised latent space; the VAE takes raw latents
+            mean = torch.tensor(WAN21_MEAN).view(1, 16, 1, 1, 1)
+            std = torch.tensor(WAN21_STD).view(1, 16, 1, 1, 1)
+            t0 = time.time()
+            _write_video(lat * std + mean, args.vae, str(out), args.fps, args.decode_block, pool)
+            print(f"decoded in {time.time() - t0:.1f} s")
+        else:
+            save_file({"latent_tensor": lat.contiguous()}, str(out))
     finally:
         pool.close()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".mp4":
-        if not args.vae:
-            raise SystemExit("--out *.mp4 needs --vae (a Wan2.1 VAE .safetensors); or write .safetensors latents")
-        # the engine works in Wan21-normalised latent space; the VAE takes raw latents
-        mean = torch.tensor(WAN21_MEAN).view(1, 16, 1, 1, 1)
-        std = torch.tensor(WAN21_STD).view(1, 16, 1, 1, 1)
-        _write_video(lat * std + mean, args.vae, str(out), args.fps, args.decode_block)
-    else:
-        save_file({"latent_tensor": lat.contiguous()}, str(out))
     print(f"wrote {out}")
     return 0
 

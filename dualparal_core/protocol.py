@@ -20,7 +20,9 @@ OP_CANCEL = "cancel"
 OP_CLOSE = "close"
 OP_PING = "ping"
 OP_SPEC = "spec"
+OP_DECODE = "decode"  # Block Decode of one span on one rank (dualparal_core/decode_pool.py documents the fields)
 # worker -> parent
+OP_FRAMES = "frames"  # one decoded block of an OP_DECODE: {"job", "video", "frame", "frames": [n, H, W, 3]}
 OP_READY = "ready"
 OP_PROGRESS = "progress"
 OP_RESULT = "result"
@@ -66,8 +68,9 @@ class Job:
         for name, ctx in (("positive", self.cond), ("negative", self.uncond)):
             if ctx is None:
                 if name == "negative" and self.sampling.use_cfg:
-                    raise ValueError(f"cfg={self.sampling.cfg} needs a negative conditioning; connect one or "
-                                     f"set cfg to 1.0.")
+                    sc = self.sampling
+                    which = f"cfg={sc.cfg}" if sc.cfg != 1.0 else f"cfg_low={sc.cfg_low}"
+                    raise ValueError(f"{which} needs a negative conditioning; connect one or set it to 1.0.")
                 continue
             if ctx.ndim != 3 or ctx.shape[0] != 1 or ctx.shape[-1] != config.text_dim:
                 raise ValueError(f"{name} conditioning has shape {tuple(ctx.shape)}; this model expects "

@@ -44,7 +44,7 @@ many latent frames. With p = 37, conv_out's cache holds two wrong frames and the
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -62,7 +62,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
 
 from dualparal_core import logger
 
-__all__ = ["WanVAEDecoder", "frames_needed_to_prime", "convert_original_to_diffusers"]
+__all__ = ["WanVAEDecoder", "frames_needed_to_prime", "convert_original_to_diffusers", "decoder_state_dict"]
 
 # A key that only a Wan VAE has, in each layout (ComfyUI itself detects the Wan VAE by the first one).
 _ORIGINAL_MARK = "decoder.middle.0.residual.0.gamma"
@@ -103,6 +103,16 @@ def _needed_keys(keys: list[str], source: str) -> tuple[str, str, list[str]]:
     post = ("conv2.",) if layout == "original" else ("post_quant_conv.",)
     needed = [k for k in keys if k.startswith(prefix) and k[len(prefix) :].startswith(("decoder.", *post))]
     return layout, prefix, needed
+
+
+def decoder_state_dict(sd: Mapping[str, torch.Tensor], source: str = "the state dict") -> dict[str, torch.Tensor]:
+    """The decoder-side tensors of a Wan2.1 VAE state dict (keys as given, either layout): what a decode needs.
+
+    ComfyUI's ``VAE.first_stage_model.state_dict()`` holds the encoder too; this drops it (about 40 % of the bytes)
+    before the weights cross to the workers. Raises ValueError naming ``source`` if it is not a Wan VAE.
+    """
+    _, _, needed = _needed_keys(list(sd.keys()), source)
+    return {k: sd[k] for k in needed}
 
 
 def _count_up_resnets(sd: Mapping[str, torch.Tensor]) -> int:
@@ -305,6 +315,46 @@ class WanVAEDecoder:
         cache: list = [None] * self._num_convs
         for b0 in range(0, total, block_size):
             frames = [self._step(z, i, cache, i == 0) for i in range(b0, min(total, b0 + block_size))]
+            block = frames[0] if len(frames) == 1 else torch.cat(frames, dim=2)
+            del frames
+            yield block
+
+    @torch.no_grad()
+    def stream_span(
+        self,
+        z: torch.Tensor,
+        start: int,
+        end: int,
+        block_size: int,
+        prime: int | None = None,
+        on_frame: Callable[[], None] | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """:meth:`decode_span` as a stream: yield the video of each block of ``block_size`` latent frames of
+        [start, end), after priming the cache on the ``prime`` frames before ``start``.
+
+        The concatenation equals ``decode_span(z, start, end, prime)``. ``on_frame()`` runs after every decoded
+        latent frame, priming frames included (a worker checks for a cancel there; it may raise).
+        """
+        total = self._check(z)
+        if not (0 <= start < end <= total):
+            raise ValueError(f"span [start, end) = [{start}, {end}) must lie within the latent's {total} frames.")
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive number of latent frames; got {block_size!r}.")
+        prime = self.prime_frames if prime is None else prime
+        if prime < 0:
+            raise ValueError(f"prime must be >= 0 latent frames; got {prime}.")
+        first = max(0, start - prime)
+        cache: list = [None] * self._num_convs
+        for i in range(first, start):
+            self._step(z, i, cache, i == first)
+            if on_frame is not None:
+                on_frame()
+        for b0 in range(start, end, block_size):
+            frames = []
+            for i in range(b0, min(end, b0 + block_size)):
+                frames.append(self._step(z, i, cache, i == first))
+                if on_frame is not None:
+                    on_frame()
             block = frames[0] if len(frames) == 1 else torch.cat(frames, dim=2)
             del frames
             yield block

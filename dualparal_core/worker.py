@@ -50,7 +50,8 @@ class Fault:
 
 def parse_faults(text: str | None, rank: int) -> list[Fault]:
     """Faults of ``DUALPARAL_FAULT`` meant for ``rank``: ``;``-separated lists of ``key=value,...`` with keys
-    rank (default: every rank), phase (startup|load|sample), step (1-based block-step on that rank), kind
+    rank (default: every rank), phase (startup|load|sample|decode), step (1-based block-step on that rank; for
+    decode, the rank's decoded blocks counted over all decodes), kind
     (kill|raise|hang|oom|slow|exit_on_start|exit_early|never_ready|ignore_term) and delay (seconds, kind=slow)."""
     out = []
     for part in (text or "").split(";"):
@@ -249,6 +250,12 @@ class Worker:
                 self.job(msg["job"], msg["payload"])
                 if self._closing:
                     return
+            elif op == proto.OP_DECODE:  # Block Decode of one span (decode_worker.py)
+                from .decode_worker import serve_decode
+
+                serve_decode(self, msg)
+                if self._closing:
+                    return
             elif op == proto.OP_PING:
                 self.send(proto.OP_PONG)
             elif op == proto.OP_CLOSE:
@@ -347,6 +354,11 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    rc = main()
+    if "--serve" in sys.argv[1:]:  # a long-lived group started by torchrun (dualparal_core/serve.py)
+        from .serve import main as serve_main
+
+        rc = serve_main(sys.argv[1:])
+    else:
+        rc = main()
     sys.stderr.flush()
     os._exit(rc)  # skip interpreter finalisation: library atexit hooks must not keep a finished rank alive

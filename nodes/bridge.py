@@ -129,8 +129,11 @@ def _free_comfy_vram(spec) -> None:
 
 
 def _start_pool(spec, **kw):
+    from dualparal_core.attach import AttachSpec
     from dualparal_core.pool import WorkerPool
 
+    if isinstance(spec, AttachSpec):  # devices=tcp://HOST:PORT: close() detaches, the group keeps running
+        return WorkerPool.attach(spec, Timeouts(), **kw)
     return WorkerPool.start(spec, Timeouts(), **kw)
 
 
@@ -158,10 +161,13 @@ def supports_attach() -> bool:
 def _map_errors(handle: DualParalModel, fn, *args, **kw):
     """Run ``fn`` mapping the pool's exceptions to ComfyUI's: cancel -> InterruptProcessingException; a failed
     worker group is dropped from the registry so the next prompt starts a fresh one."""
+    from dualparal_core.attach import AttachError
     from dualparal_core.pool import PoolCancelled, WorkerError
 
     try:
         return fn(*args, **kw)
+    except AttachError as err:  # devices=tcp://...: nothing listens there, another key, in use
+        raise AttachError(f"devices={handle.spec.devices[0]!r}: {err}") from None
     except PoolCancelled:
         mm.throw_exception_if_processing_interrupted()  # raises and clears the flag
         raise InterruptProcessingException() from None
@@ -211,3 +217,67 @@ def run_job(handle: DualParalModel, pool, job, node_id: str | None) -> torch.Ten
 
 def previews_enabled() -> bool:
     return latent_preview.get_previewer(torch.device("cpu"), latent_format()) is not None
+
+
+# ---------------------------------------------------------------------------------------------- Block Decode
+def live_pool(handle: DualParalModel):
+    """The running worker group of a model handle, or None (never starts one: decoding is no reason to load)."""
+    return REGISTRY.get(handle.key)
+
+
+def pool_decode(handle: DualParalModel, fn, *args, **kw):
+    """A decode on the handle's pool with the pool's errors mapped to ComfyUI's (cancel -> interrupt)."""
+    return _map_errors(handle, fn, *args, **kw)
+
+
+def decode_device(vae) -> torch.device:
+    """Where core VAE Decode would decode: the VAE's own device, else ComfyUI's torch device."""
+    dev = getattr(vae, "device", None)
+    return torch.device(dev) if dev is not None else mm.get_torch_device()
+
+
+def free_vram_for_decode(vae, shape, dtype, device: torch.device) -> None:
+    """Make room on ComfyUI's GPU as VAE Decode does (ComfyUI's estimate is for a whole decode: an upper bound)."""
+    if device.type != "cuda":
+        return
+    try:
+        need = vae.memory_used_decode(shape, dtype)
+    except Exception:  # an estimate only; a VAE object without it decodes all the same
+        need = 2 * 1024**3
+    mm.free_memory(need, device)
+
+
+def interrupted() -> bool:
+    return mm.processing_interrupted()
+
+
+def progress_bar(total: int, node_id: str | None):
+    """``on_progress(done, total)`` on a ComfyUI progress bar; raises InterruptProcessingException when cancelled."""
+    pbar = comfy.utils.ProgressBar(total, node_id=node_id)
+    return lambda done, total: pbar.update_absolute(done, total)
+
+
+def video_output_path(prefix: str, width: int, height: int, ext: str) -> tuple[str, str, str]:
+    """(full path, file name, subfolder) of a new file in ComfyUI's output folder, numbered as Save Video does."""
+    folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
+        prefix, folder_paths.get_output_directory(), width, height)
+    os.makedirs(folder, exist_ok=True)
+    file = f"{name}_{counter:05}_{ext}"
+    return os.path.join(folder, file), file, subfolder
+
+
+def temp_directory() -> str:
+    return folder_paths.get_temp_directory()
+
+
+def metadata_enabled() -> bool:
+    from comfy.cli_args import args
+
+    return not args.disable_metadata
+
+
+def video_ui(file: str, subfolder: str):
+    """The node's UI output for a saved video, as core Save Video reports it."""
+    from comfy_api.latest import ui
+
+    return ui.PreviewVideo([ui.SavedResult(file, subfolder, io.FolderType.output)])

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from . import bridge  # first: puts the pack's folder on sys.path for the top-level `dualparal_core` imports
 from .bridge import ComfyExtension, io
+from .decode import DualParalBlockDecode
 from .loader import DualParalLoader
 from .lora import DualParalLoRA
 from .sampler import DualParalSampler
 
-NODES: list[type[io.ComfyNode]] = [DualParalLoader, DualParalLoRA, DualParalSampler]
+NODES: list[type[io.ComfyNode]] = [DualParalLoader, DualParalLoRA, DualParalSampler, DualParalBlockDecode]
 
 
 class DualParalExtension(ComfyExtension):

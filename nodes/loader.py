@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from dualparal_core.attach import AttachSpec
 from dualparal_core.checkpoint import inspect_checkpoint
-from dualparal_core.config import DTYPES, ModelSource, PoolSpec, split_layers
+from dualparal_core.config import DTYPES, WEIGHT_MODES, ModelSource, PoolSpec, split_layers
 from dualparal_core.lora import check_lora
 from dualparal_core.model import ATTENTION_BACKENDS
 
@@ -43,6 +44,18 @@ class DualParalLoader(io.ComfyNode):
                 LorasSocket.Input("loras", optional=True,
                                          tooltip="LoRAs from a DualParal LoRA chain; each worker merges them into "
                                                  "its own layers."),
+                io.Combo.Input("low_noise_unet_name", options=["none", *bridge.diffusion_model_names()],
+                               default="none", optional=True,
+                               tooltip="Wan2.2 A14B: the low-noise expert (e.g. wan2.2_t2v_low_noise_14B_fp8_scaled"
+                                       ".safetensors); unet_name is then the high-noise one. Every GPU holds its "
+                                       "layers of both. 'none': one model."),
+                io.Float.Input("boundary", default=0.875, min=0.0, max=1.0, step=0.005, round=0.001, optional=True,
+                               tooltip="With a low-noise expert: a block-step uses the high-noise expert while its "
+                                       "sigma >= boundary, the low-noise one after (Wan2.2 T2V: 0.875)."),
+                io.Combo.Input("weights", options=list(WEIGHT_MODES), default="dequant", optional=True,
+                               tooltip="dequant: weights held in dtype (fp8 files dequantised at load). fp8: the "
+                                       "transformer blocks' weights stay fp8 on the GPUs and are dequantised layer "
+                                       "by layer (about half the memory of bf16; two A14B experts on 24 GB cards)."),
             ],
             outputs=[ModelSocket.Output(display_name="model",
                                                tooltip="Handle on the worker group, for the DualParal Sampler.")],
@@ -50,33 +63,56 @@ class DualParalLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, unet_name: str, devices: str, dtype: str, attention: str, keep_alive: bool,
-                loras=None) -> io.NodeOutput:
+                loras=None, low_noise_unet_name: str = "none", boundary: float = 0.875,
+                weights: str = "dequant") -> io.NodeOutput:
         path = bridge.full_path("diffusion_models", unet_name)
         try:
             info = inspect_checkpoint(path)
         except ValueError as e:
             raise ValueError(f"unet_name={unet_name!r} cannot be loaded: {e}") from e
         devs = parse_devices(devices, bridge.gpu_count())
-        if isinstance(devs, Attach):
-            if not bridge.supports_attach():
-                raise NotImplementedError(
-                    f"devices={devices!r}: attaching to a torchrun-started group is not supported by this version "
-                    f"of DualParal yet. Use 'auto', a GPU list like '0,1' or 'cpu:N'.")
-            raise NotImplementedError(f"devices={devices!r}: attach is not wired into the Loader yet.")
+        attach = devs if isinstance(devs, Attach) else None
+        if attach is not None:  # a torchrun-started group: its ranks and layer split are its own
+            devs = ("cpu",)
         try:
             split_layers(info.config.num_layers, len(devs))
         except ValueError as e:
             raise ValueError(f"devices={devices!r}: {e}") from e
+        low = _low_noise(path, low_noise_unet_name)
         lora_entries, lora_keys = [], []
-        for name, strength in loras or ():
+        for name, strength, *expert in loras or ():
             lpath = bridge.full_path("loras", name)
             check_lora(lpath, info.config)  # header only: refuses a LoRA that matches nothing or does not fit
-            lora_entries.append((lpath, float(strength), "both"))
-            lora_keys.append((file_key(lpath), float(strength)))
-        spec = PoolSpec(source=ModelSource(path=path, loras=tuple(lora_entries)), devices=devs, dtype=dtype,
-                        attention=attention)
-        key = (file_key(path), devs, dtype, attention, tuple(lora_keys))
+            expert = expert[0] if expert else "both"
+            if expert == "low" and low is None:
+                raise ValueError(f"loras: {name!r} is meant for the low-noise expert (expert 'low'), but "
+                                 f"low_noise_unet_name is 'none'. Pick the low-noise model, or set the LoRA's "
+                                 f"expert to 'both'.")
+            lora_entries.append((lpath, float(strength), expert))
+            lora_keys.append((file_key(lpath), float(strength), expert))
+        src = ModelSource(path=path, low_noise_path=low, boundary=float(boundary) if low else 0.875,
+                          loras=tuple(lora_entries))
+        spec = PoolSpec(source=src, devices=devs, dtype=dtype, attention=attention, weights=weights)
+        key = (file_key(path), devs, dtype, attention, tuple(lora_keys), weights)
+        if low is not None:
+            key += (file_key(low), float(boundary))
+        if attach is not None:  # the group finds the files on its hosts (by path, else under its --models-dir)
+            spec, key = AttachSpec(attach.address, spec), ("attach", attach.address, *key)
         handle = DualParalModel(spec=spec, config=info.config, keep_alive=bool(keep_alive), unet_name=unet_name,
-                                key=key)
+                                key=key, experts=2 if low else 1)
         bridge.acquire(handle)  # start (or reuse) the workers now: load errors show on this node
         return io.NodeOutput(handle)
+
+
+def _low_noise(high_path: str, name: str | None) -> str | None:
+    """The low-noise expert's path, or None; refuses a file of another shape than the high-noise one, naming both."""
+    if not name or name == "none":
+        return None
+    from dualparal_core.runtime import check_source
+
+    low = bridge.full_path("diffusion_models", name)
+    try:
+        check_source(ModelSource(path=high_path, low_noise_path=low))
+    except ValueError as e:
+        raise ValueError(f"low_noise_unet_name={name!r} cannot be loaded: {e}") from e
+    return low

@@ -153,10 +153,13 @@ def test_output_latent_is_ksamplers_copy():
 
 def test_lora_chain():
     a = T.chain_loras(None, "a.safetensors", 1.0)
-    b = T.chain_loras(a, "b.safetensors", -0.5)
-    assert b == (("a.safetensors", 1.0), ("b.safetensors", -0.5)) and a == (("a.safetensors", 1.0),)
+    b = T.chain_loras(a, "b.safetensors", -0.5, "low")
+    assert b == (("a.safetensors", 1.0, "both"), ("b.safetensors", -0.5, "low"))
+    assert a == (("a.safetensors", 1.0, "both"),)
     with pytest.raises(ValueError, match="previous"):
         T.chain_loras([("x",)], "c", 1.0)
+    with pytest.raises(ValueError, match="expert"):
+        T.chain_loras(None, "c", 1.0, "medium")
 
 
 def test_file_key_changes_with_the_file(tmp_path):

@@ -23,11 +23,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 TESTPACK = Path(__file__).resolve().parent / "testpack"
 COMFY = os.environ.get("COMFYUI_PATH")
+AUTHKEY = "dualparal-e2e-" + uuid.uuid4().hex
+"""DUALPARAL_AUTHKEY of the server, shared with the torchrun groups the tests start (devices=tcp://...)."""
 SKIP_REASON = "COMFYUI_PATH is not set: the comfy_live tests need a ComfyUI checkout (and its venv's python)"
 
 #: File names as ComfyUI's own templates use them; in tests they hold tiny random weights.
 MODEL_13B = "wan2.1_t2v_1.3B_fp16.safetensors"
 MODEL_14B_FP8 = "wan2.1_t2v_14B_fp8_e4m3fn.safetensors"
+MODEL_HIGH = "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"  # Wan2.2 A14B experts (fp16 tiny weights here,
+MODEL_LOW = "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"    # so that ComfyUI's LoRA merge is exact too)
+LORA_LIGHT = "wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors"
 MODEL_I2V = "wan2.1_i2v_480p_14B_fp16.safetensors"
 LORA = "wan2.1_t2v_14B_example_lora.safetensors"
 LORA_FOREIGN = "sdxl_style_lora.safetensors"
@@ -92,6 +97,9 @@ def build_assets(base: Path) -> Path:
     sd["model.diffusion_model.img_emb.proj.0.bias"] = torch.zeros(1280, dtype=torch.float16)
     save_file(sd, dm / MODEL_I2V)
     save_file(_tiny_lora(cfg), lo / LORA)
+    save_checkpoint(random_state_dict(cfg, seed=5), dm / MODEL_HIGH, "comfy", dtype=torch.float16)
+    save_checkpoint(random_state_dict(cfg, seed=6), dm / MODEL_LOW, "comfy", dtype=torch.float16)
+    save_file(_tiny_lora(cfg, seed=7), lo / LORA_LIGHT)
     save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 320),
                "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(320, 4)}, lo / LORA_FOREIGN)
     subprocess.run([sys.executable, "-c", _VAE_SCRIPT, str(va / VAE)], cwd=COMFY, check=True,
@@ -165,7 +173,8 @@ class ComfyServer:
                "--output-directory", str(b / "out"), "--temp-directory", str(b / "temp"),
                "--input-directory", str(b / "input"), "--user-directory", str(b / "user"),
                "--database-url", "sqlite:///:memory:", "--preview-method", "latent2rgb"]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+               "DUALPARAL_AUTHKEY": AUTHKEY}
         self._log = open(b / "server.log", "ab")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(cmd, cwd=COMFY, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout

@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from comfy_harness import (
+    AUTHKEY,
     COMFY,
     LORA,
     LORA_FOREIGN,
@@ -22,6 +27,7 @@ from comfy_harness import (
     SKIP_REASON,
     VAE,
     ComfyServer,
+    _free_port,
     alive,
     build_assets,
     error_of,
@@ -93,10 +99,12 @@ def test_nodes_registered_with_tooltips(server):
             for name, spec in n["input"].get(section, {}).items():
                 assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
     assert info["DualParalSampler"]["input_order"]["required"] == SAMPLER_INPUTS
-    assert info["DualParalSampler"]["input_order"]["optional"] == ["sigmas"]
+    assert info["DualParalSampler"]["input_order"]["optional"] == ["sigmas", "cfg_low"]
     assert info["DualParalLoader"]["input_order"] == {
-        "required": ["unet_name", "devices", "dtype", "attention", "keep_alive"], "optional": ["loras"]}
-    assert info["DualParalLoRA"]["input_order"] == {"required": ["lora_name", "strength"], "optional": ["previous"]}
+        "required": ["unet_name", "devices", "dtype", "attention", "keep_alive"],
+        "optional": ["loras", "low_noise_unet_name", "boundary", "weights"]}
+    assert info["DualParalLoRA"]["input_order"] == {"required": ["lora_name", "strength"],
+                                                    "optional": ["previous", "expert"]}
     assert MODEL_13B in info["DualParalLoader"]["input"]["required"]["unet_name"][1]["options"]
 
 
@@ -163,8 +171,8 @@ def test_same_configuration_reuses_the_workers_and_previews(server):
 
 @pytest.mark.parametrize("mutate,node_type,needles", [
     (lambda g: g["8"]["inputs"].update(unet_name=MODEL_I2V), "DualParalLoader", ["unet_name", "image-to-video"]),
-    (lambda g: g["8"]["inputs"].update(devices="tcp://127.0.0.1:29500"), "DualParalLoader",
-     ["devices", "tcp://127.0.0.1:29500", "not supported"]),
+    (lambda g: g["8"]["inputs"].update(devices="tcp://127.0.0.1:9"), "DualParalLoader",
+     ["devices", "no DualParal group listening at tcp://127.0.0.1:9", "torchrun"]),
     (lambda g: g["8"]["inputs"].update(devices="cpu:3"), "DualParalLoader", ["devices", "3 ranks"]),
     (lambda g: g.update({"30": {"class_type": "DualParalLoRA", "inputs": {"lora_name": LORA_FOREIGN,
                                                                            "strength": 1.0}}})
@@ -233,6 +241,47 @@ def test_lora_matches_comfyui_lora_loader(server):
     assert (dp - plain).abs().max() > 1e-2  # the LoRA changed the result
 
 
+def test_a_loader_attached_to_a_torchrun_group_matches_local_workers(server, tmp_path):
+    """devices=tcp://HOST:PORT: the group loads the Loader's file, gives the local workers' latents, stays loaded
+    when ComfyUI detaches (keep_alive off), and is not reloaded by the next attach."""
+    port, log = _free_port(), tmp_path / "torchrun.log"
+    env = {**os.environ, "DUALPARAL_AUTHKEY": AUTHKEY, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    with open(log, "wb") as fh:
+        group = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                  "2", "-m", "dualparal_core.worker", "--serve", f"127.0.0.1:{port}"], env=env,
+                                 cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while b"listening on" not in log.read_bytes():
+            assert group.poll() is None and time.monotonic() < deadline, log.read_bytes()[-3000:].decode()
+            time.sleep(0.2)
+        ranks = [p.pid for p in psutil.Process(group.pid).children(recursive=True)]
+        g = base_graph(seed=21)
+        g.update({"18": loader(devices=f"tcp://127.0.0.1:{port}"), "19": sampler(["5", 0], seed=21, model=["18", 0]),
+                  "20": {"class_type": "SaveLatent", "inputs": {"samples": ["19", 0], "filename_prefix": "latents/at"}}})
+        h = server.run(g)
+        torch.testing.assert_close(saved_latent(server, h, "20"), saved_latent(server, h, "10"), rtol=1e-5, atol=1e-5)
+        g["18"]["inputs"]["keep_alive"] = False
+        g["19"]["inputs"]["seed"] = g["9"]["inputs"]["seed"] = 22
+        h = server.run(g)
+        torch.testing.assert_close(saved_latent(server, h, "20"), saved_latent(server, h, "10"), rtol=1e-5, atol=1e-5)
+        assert alive(ranks) == ranks and log.read_bytes().count(b"detached:") == 1  # detached, still loaded
+        g["19"]["inputs"]["seed"] = 23
+        server.run(g)  # attaches again: no reload
+        assert log.read_bytes().count(b"ready in") == 2, log.read_bytes()[-3000:].decode()  # one load per rank
+    finally:
+        group.send_signal(signal.SIGTERM)
+        try:
+            group.wait(30)
+        except subprocess.TimeoutExpired:
+            group.kill()
+            group.wait(10)
+    deadline = time.monotonic() + 10
+    while alive(ranks):
+        assert time.monotonic() < deadline, f"ranks {alive(ranks)} outlived torchrun"
+        time.sleep(0.2)
+
+
 def test_unload_models_releases_the_workers_and_keep_alive_off(server):
     old = server.note_workers()
     assert old
@@ -269,7 +318,8 @@ def tinify(api: dict) -> dict:
 def test_shipped_workflow_runs(server, name):
     api = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
     h = server.run(tinify(api), timeout=300)
-    saves = [nid for nid, n in api.items() if n["class_type"] == "SaveVideo"]
+    saves = [nid for nid, n in api.items() if n["class_type"] == "SaveVideo"
+             or (n["class_type"] == "DualParalBlockDecode" and n["inputs"]["filename_prefix"])]  # streams a file
     assert saves
     for nid in saves:
         item = h["outputs"][nid]["images"][0]

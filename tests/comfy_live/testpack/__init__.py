@@ -84,9 +84,56 @@ class DualParalTestProbe(io.ComfyNode):
         return io.NodeOutput(ui={"probe": [json.dumps(info)]})
 
 
+class DualParalTestLatent(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DualParalTestLatent",
+            display_name="DualParal Test Latent",
+            category="DualParal/testing",
+            description="A seeded random raw Wan2.1 video latent [batch, 16, frames, height, width] (latent units).",
+            inputs=[
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
+                io.Int.Input("frames", default=3, min=1, max=1024),
+                io.Int.Input("height", default=4, min=1, max=256),
+                io.Int.Input("width", default=4, min=1, max=256),
+                io.Int.Input("batch", default=1, min=1, max=16),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, seed: int, frames: int, height: int, width: int, batch: int) -> io.NodeOutput:
+        g = torch.Generator().manual_seed(seed)
+        return io.NodeOutput({"samples": torch.randn(batch, 16, frames, height, width, generator=g) * 1.5})
+
+
+class DualParalTestSaveTensor(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DualParalTestSaveTensor",
+            display_name="DualParal Test Save Tensor",
+            category="DualParal/testing",
+            description="Saves an IMAGE bit-exactly (safetensors in the output folder) for the tests to compare.",
+            inputs=[io.Image.Input("images"), io.String.Input("name", default="tensor")],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, images, name: str) -> io.NodeOutput:
+        import folder_paths
+        from safetensors.torch import save_file
+
+        path = os.path.join(folder_paths.get_output_directory(), f"{name}.safetensors")
+        save_file({"images": images.detach().cpu().contiguous()}, path)
+        return io.NodeOutput(ui={"tensors": [path]})
+
+
 class _Ext(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [DualParalTestConditioning, DualParalTestProbe]
+        return [DualParalTestConditioning, DualParalTestProbe, DualParalTestLatent, DualParalTestSaveTensor]
 
 
 async def comfy_entrypoint() -> ComfyExtension:

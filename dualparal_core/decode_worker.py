@@ -1,0 +1,160 @@
+"""One rank's side of Block Decode: the ``OP_DECODE`` message of :mod:`dualparal_core.decode_pool`.
+
+The rank keeps one decoder, keyed by (fingerprint, dtype), on its own device; a message without weights for a key
+it lacks is answered with ``need_weights`` and the parent sends them. It primes the causal cache on the latent
+frames before its span, decodes the span block by block and sends every block's frames as soon as they exist
+(``OP_FRAMES``), then ``OP_RESULT`` with counters. Between latent frames (priming included) it reads the control
+connection: ``OP_CANCEL`` of this job stops it after that frame (``OP_CANCELLED``); ``OP_CLOSE`` stops it and ends
+the worker. An exception while decoding (a bad state dict, out of memory) is reported in ``OP_RESULT["failed"]``
+and the rank stays up: decoding touches no process group, so the pool stays usable for sampling.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+
+import torch
+
+from . import logger
+from . import protocol as proto
+from .decode import pixel_offset, to_image, to_uint8
+
+
+class _Stop(Exception):
+    """Leave the decode loop: a cancel, a close, or the parent is gone (``gone`` holds why)."""
+
+
+class DecodeState:
+    """What a rank keeps between decodes: one decoder and the counters the parent (and tests) read."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.decoder = None
+        self.weights_received = 0
+        self.decoders_built = 0
+        self.decodes = 0
+        self.blocks = 0
+
+
+def _state(worker) -> DecodeState:
+    state = getattr(worker, "decode_state", None)
+    if state is None:
+        state = worker.decode_state = DecodeState()
+    return state
+
+
+def _ensure_decoder(state: DecodeState, msg: dict, device: torch.device):
+    """The cached decoder for the message's key, built from its weights if needed; None if weights are missing."""
+    key = (msg["fingerprint"], msg["dtype"])
+    weights = msg.get("weights")
+    if weights is not None:
+        state.weights_received += 1
+    if state.key == key and state.decoder is not None:
+        return state.decoder
+    if weights is None:
+        return None
+    from .vae import WanVAEDecoder
+
+    state.key, state.decoder = None, None  # free the old decoder before building the new one
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    state.decoder = WanVAEDecoder.from_state_dict(weights, msg["dtype"], device, source="the VAE weights")
+    state.key = key
+    state.decoders_built += 1
+    return state.decoder
+
+
+def serve_decode(worker, msg: dict) -> None:
+    """Handle one ``OP_DECODE`` on ``worker`` (a :class:`dualparal_core.worker.Worker`)."""
+    job = msg["job"]
+    state = _state(worker)
+    device = torch.device(worker.device)
+    stop = {"cancel": False, "gone": None}
+
+    def counters(**kw) -> dict:
+        return dict(job=job, weights_received=state.weights_received, decoders_built=state.decoders_built,
+                    fingerprint=state.key[0] if state.key else None, **kw)
+
+    def poll() -> None:
+        """Between latent frames: read the control connection without blocking."""
+        try:
+            while worker.conn.poll(0):
+                m = worker.recv()
+                if m["op"] == proto.OP_CANCEL and m.get("job") == job:
+                    stop["cancel"] = True
+                elif m["op"] == proto.OP_CLOSE:
+                    stop["cancel"] = worker._closing = True
+                elif m["op"] == proto.OP_PING:
+                    worker.send(proto.OP_PONG)
+        except Exception as exc:  # noqa: BLE001 - the worker's own "parent gone", re-raised after the loop
+            stop["gone"] = exc
+            raise _Stop() from exc
+        if stop["cancel"]:
+            raise _Stop()
+
+    t0 = time.perf_counter()
+    try:
+        decoder = _ensure_decoder(state, msg, device)
+    except Exception as exc:  # noqa: BLE001 - a bad state dict is the caller's error, not this rank's death
+        msg["weights"] = None
+        _failed(worker, (type(exc).__name__, str(exc), traceback.format_exc()), counters)
+        return
+    msg["weights"] = None  # the state dict is on the device now; drop the CPU copy
+    if decoder is None:
+        worker.send(proto.OP_RESULT, **counters(need_weights=True))
+        return
+    z, offset, start, end = msg["latent"], msg["offset"], msg["start"], msg["end"]
+    block, uint8 = msg["block"], msg["out"] == "uint8"
+    worker.phase, worker.busy, worker.block_step = "decode", True, 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    blocks, first_block_s, failed = 0, None, None
+    try:
+        for b in range(z.shape[0]):
+            frame = pixel_offset(start, decoder.temporal_scale)
+            span = decoder.stream_span(z[b : b + 1], start - offset, end - offset, block, prime=start - offset,
+                                       on_frame=poll)
+            while failed is None:
+                try:
+                    video = next(span)
+                    frames = to_image(video)[0]
+                    frames = (to_uint8(frames) if uint8 else frames).cpu()
+                    del video
+                    state.blocks += 1
+                    if worker.faults:  # tests: DUALPARAL_FAULT phase=decode, step = this rank's blocks so far
+                        worker.fire("decode", state.blocks)
+                except (StopIteration, _Stop):
+                    break
+                except Exception as exc:  # noqa: BLE001 - OOM or a bad latent: reported, the rank stays up
+                    failed = (type(exc).__name__, str(exc), traceback.format_exc())  # no frames kept alive
+                    break
+                worker.send(proto.OP_FRAMES, job=job, video=b, frame=frame, frames=frames)
+                frame += frames.shape[0]
+                blocks += 1
+                worker.block_step = blocks
+                first_block_s = first_block_s or time.perf_counter() - t0
+            if failed is not None or stop["cancel"] or stop["gone"] is not None:
+                break
+    finally:
+        worker.phase, worker.busy = "idle", False
+        state.decodes += 1
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # give the activations back: ComfyUI or the next job may need them
+    if stop["gone"] is not None:
+        raise stop["gone"]
+    if failed is not None:
+        _failed(worker, failed, counters)
+    elif stop["cancel"]:
+        worker.send(proto.OP_CANCELLED, job=job)
+    else:
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        worker.send(proto.OP_RESULT, **counters(blocks=blocks, seconds=time.perf_counter() - t0,
+                                                first_block_seconds=first_block_s, peak_bytes=peak,
+                                                device=worker.device))
+
+
+def _failed(worker, failed: tuple[str, str, str], counters) -> None:
+    kind, message, tb = failed
+    logger.error("rank %d (%s): Block Decode failed:\n%s", worker.rank, worker.device, tb)
+    worker.send(proto.OP_RESULT, **counters(failed={"type": kind, "message": message, "traceback": tb}))
