@@ -40,11 +40,10 @@ class RankEngine:
 
     def __init__(self, stage: WanStage | Experts, pipe: Pipe | None = None, max_in_flight: int | None = None):
         self.model = as_experts(stage)
-        self.stage = stage
         self.pipe = pipe
         self.rank = 0 if pipe is None else pipe.rank
         self.world = 1 if pipe is None else pipe.world
-        if (self.rank == 0) != stage.has_embed or (self.rank == self.world - 1) != stage.has_head:
+        if (self.rank == 0) != self.model.has_embed or (self.rank == self.world - 1) != self.model.has_head:
             raise ValueError("stage/rank mismatch: rank 0 must hold the embedding and the last rank the head.")
         # One block-step more than there are stages: with uneven block-step costs (with/without right context) a
         # window of exactly N leaves rank 0 idle while the last rank finishes an expensive step; N + 1 removes most

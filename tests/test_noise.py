@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
+from comfy_import import import_comfy
 
 from dualparal_core.config import BlockLayout
 from dualparal_core.noise import coordinated_noise, independent_noise, initial_noise
@@ -146,23 +144,8 @@ def test_bad_input():
 
 @pytest.mark.comfy_live
 def test_independent_equals_comfyui_prepare_noise():
-    path = os.environ.get("COMFYUI_PATH")
-    if not path:
-        pytest.skip("COMFYUI_PATH is not set: comparing with comfy.sample.prepare_noise needs a ComfyUI source "
-                    "tree and an interpreter with its requirements (run this file under ComfyUI's venv)")
-    path = os.path.abspath(os.path.expanduser(path))
-    if path not in sys.path:
-        sys.path.append(path)  # appended, so that ComfyUI's top-level nodes.py/utils do not shadow ours
-    try:
-        import comfy.cli_args
-
-        if "comfy.model_management" not in sys.modules:
-            # Why: comfy.model_management probes the GPU at import; a CPU-only torch raises there without --cpu.
-            comfy.cli_args.args.cpu = True
-        import comfy.sample
-    except ModuleNotFoundError as e:
-        pytest.skip(f"ComfyUI at {path} does not import on this interpreter ({e}); use ComfyUI's venv")
+    (sample,) = import_comfy("comfy.sample", why="comparing with comfy.sample.prepare_noise")
     for shape, seed in (((1, 16, 5, 4, 6), 0), ((2, 4, 3, 2, 2), 2**63 + 5)):
         with torch.random.fork_rng():
-            ref = comfy.sample.prepare_noise(torch.zeros(shape), seed)
+            ref = sample.prepare_noise(torch.zeros(shape), seed)
         assert torch.equal(independent_noise(shape, seed), ref)

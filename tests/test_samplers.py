@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import sys
 import types
 
 import pytest
 import torch
+from comfy_import import import_comfy
 
 from dualparal_core.config import SAMPLER_NAMES
 from dualparal_core.samplers import BlockSampler, make_sampler
@@ -227,27 +227,10 @@ def test_api(name):
 
 @pytest.fixture(scope="module")
 def comfy():
-    path = os.environ.get("COMFYUI_PATH")
-    if not path:
-        pytest.skip("COMFYUI_PATH is not set: comparing with ComfyUI's own samplers needs a ComfyUI source tree "
-                    "and an interpreter with its requirements (run this file under ComfyUI's venv)")
-    path = os.path.abspath(os.path.expanduser(path))
-    if path not in sys.path:
-        sys.path.append(path)  # appended, so that ComfyUI's top-level nodes.py/utils do not shadow ours
-    try:
-        import comfy.cli_args
-
-        if "comfy.model_management" not in sys.modules:
-            # Why: comfy.model_management probes the GPU at import; a CPU-only torch raises there without --cpu.
-            comfy.cli_args.args.cpu = True
-        import comfy.model_sampling
-        import comfy.samplers
-        from comfy.extra_samplers import uni_pc
-        from comfy.k_diffusion import sampling as k_sampling
-    except ModuleNotFoundError as e:
-        pytest.skip(f"ComfyUI at {path} does not import on this interpreter ({e}); use ComfyUI's venv")
-    assert os.path.abspath(comfy.__file__ if comfy.__file__ else comfy.__path__[0]).startswith(path)
-    return types.SimpleNamespace(samplers=comfy.samplers, model_sampling=comfy.model_sampling, uni_pc=uni_pc,
+    samplers, model_sampling, uni_pc, k_sampling = import_comfy(
+        "comfy.samplers", "comfy.model_sampling", "comfy.extra_samplers.uni_pc", "comfy.k_diffusion.sampling",
+        why="comparing with ComfyUI's own samplers")
+    return types.SimpleNamespace(samplers=samplers, model_sampling=model_sampling, uni_pc=uni_pc,
                                  k_sampling=k_sampling)
 
 
