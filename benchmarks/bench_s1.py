@@ -180,7 +180,8 @@ def run(world: int, args, runs) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--world", type=int, nargs="+", default=[2])
+    ap.add_argument("--world", type=int, nargs="*", default=[2],
+                    help="GPU counts for DualParal (none: only the --baseline runs)")
     ap.add_argument("--model", choices=sorted(MODELS), default="1.3b")
     ap.add_argument("--tiny", action="store_true", help="tiny random model (CPU smoke run)")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -206,6 +207,11 @@ def main() -> None:
                     help="fp8: the blocks' Linear weights held in fp8 and dequantised per layer (PoolSpec.weights)")
     ap.add_argument("--in-flight", type=int, default=None)
     ap.add_argument("--baseline", action="store_true", help="also run 1-GPU full-sequence sampling")
+    ap.add_argument("--baseline-frames", type=int, nargs="+", default=None,
+                    help="latent frames of the baseline runs (default: --frames)")
+    ap.add_argument("--extrapolate", type=int, nargs="+", default=[],
+                    help="also print rows for these latent frame counts, extrapolated from the two longest measured "
+                         "runs of each GPU count (time linear in the number of blocks; labelled as extrapolated)")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--json", default=None, help="write results here too")
     args = ap.parse_args()
@@ -231,9 +237,11 @@ def main() -> None:
             rows.append(dict(r, world=world, frames=f, flops=fl, plan_gib=_plan(cfg, world, args, args.P, args.K,
                                                                                   tpf, b, b_low)))
             _row(rows[-1])
+        rows.extend(_extrapolated([r for r in rows if r["world"] == world and "T=" in r["name"]], cfg, args, tpf, b,
+                                  experts, b_low))
     if args.baseline:
-        runs = [(f"full-sequence 1 GPU T={f}", f, f, 0) for f in args.frames]
-        for r in _aggregate(run(1, args, runs), 1):
+        runs = [(f"full-sequence 1 GPU T={f}", f, f, 0) for f in (args.baseline_frames or args.frames)]
+        for r in _aggregate([r for r in run(1, args, runs) if r["name"] != "verify"], 1):
             f = int(r["name"].split("T=")[1])
             fl = job_flops(cfg, BlockLayout(f, f, 0), args.steps, tpf, b, experts, b_low)
             rows.append(dict(r, world=1, frames=f, flops=fl, plan_gib=_plan(cfg, 1, args, f, 0, tpf, b, b_low)))
@@ -256,6 +264,28 @@ def main() -> None:
             print(f"verify: N={w} vs N={ref_w}: max |diff| = {d:.3g} (finite: {bool(np.isfinite(lat).all())})")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(device=dev_name, date=stamp, argv=sys.argv, rows=rows), indent=1))
+
+
+def _extrapolated(measured: list[dict], cfg, args, tpf, b, experts, b_low) -> list[dict]:
+    """Rows for ``args.extrapolate`` from the two longest measured runs. Once the pipeline is full every block-step
+    takes time in proportion to its FLOPs, so the time is ``fill_and_drain + FLOPs / rate``: two runs give both
+    terms (the steady-state rate is the slope). Memory is the longer run's measured peak: the cache holds a fixed
+    window, so it does not grow with the video."""
+    pts = sorted((r["flops"], r) for r in measured if r["name"].startswith("dualparal") and "extrapolated" not in
+                 r["name"])
+    if len(pts) < 2 or not args.extrapolate or pts[-2][0] == pts[-1][0]:
+        return []
+    (f1, r1), (f2, r2) = pts[-2], pts[-1]
+    per_flop = (r2["seconds"] - r1["seconds"]) / (f2 - f1)
+    print(f"N={r2['world']}: steady-state rate {1 / per_flop / r2['world'] / 1e12:.0f} TFLOP/s per GPU, fill and "
+          f"drain {r2['seconds'] - per_flop * f2:.1f} s (from T={r1['frames']},{r2['frames']})", flush=True)
+    out = []
+    for f in args.extrapolate:
+        fl = job_flops(cfg, BlockLayout(f, args.P, args.K), args.steps, tpf, b, experts, b_low)
+        out.append(dict(r2, name=f"dualparal N={r2['world']} T={f} (extrapolated from T={r1['frames']},{r2['frames']})",
+                        frames=f, seconds=r2["seconds"] + per_flop * (fl - f2), flops=fl))
+        _row(out[-1])
+    return out
 
 
 def _row(r: dict) -> None:
