@@ -101,6 +101,10 @@ def _rank_main(rank: int, world: int, port: int, args, q) -> None:
     cuda = args.device == "cuda"
     dev = torch.device(f"cuda:{rank}" if cuda else "cpu")
     if cuda:
+        if world > 1:
+            from dualparal_core.comm import prefer_eager_module_loading
+
+            prefer_eager_module_loading()
         torch.cuda.set_device(dev)
     else:
         torch.set_num_threads(1)

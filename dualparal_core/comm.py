@@ -50,6 +50,26 @@ def init_groups(rank: int, world: int, device: torch.device, init_method: str | 
     return pipe
 
 
+def prefer_eager_module_loading() -> None:
+    """Load every CUDA kernel when CUDA starts (call before it does, on GPU ranks of a pipeline).
+
+    With torch's default CUDA_MODULE_LOADING=LAZY a kernel's module is loaded at its first launch, and that load
+    waits until the whole GPU is idle. A pipeline rank always has a receive in flight whose kernel spins until a
+    peer answers, and the peer may be waiting for this rank: the load never finishes (seen on two H200s: rank 0
+    stuck in its first time embedding, rank 1 in its first receive). Eager loading moves all loads to start-up; the
+    engine's pre-warm covers the kernels that only exist per shape (torch.compile's).
+    """
+    want = "EAGER"
+    have = os.environ.get("CUDA_MODULE_LOADING")
+    if have is None:
+        os.environ["CUDA_MODULE_LOADING"] = want
+    elif have != want:
+        logger.warning("keeping the user's CUDA_MODULE_LOADING=%s; a GPU pipeline can deadlock on a lazily loaded "
+                       "kernel (DualParal would set %s)", have, want)
+    if torch.cuda.is_initialized() and have != want:
+        logger.warning("CUDA started before CUDA_MODULE_LOADING=%s could apply; kernels load lazily", want)
+
+
 def destroy_groups() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -50,6 +50,9 @@ class RankEngine:
         # of that (benchmarks/bubbles.py: S1 on 2 GPUs 1.86x -> 1.92x) for one extra hidden-state buffer.
         self.max_in_flight = max_in_flight or (self.world + 1 if self.world > 1 else 1)
         self.jobs_run = 0
+        # Pre-warm (see _prewarm): on by default where it matters, GPU ranks of a pipeline
+        self.prewarm = self.world > 1 and self.model.device.type == "cuda"
+        self.warmed: set[tuple] = set()
 
     # ------------------------------------------------------------------ job set-up (every rank)
     def _prepare(self, job: Job) -> None:
@@ -119,6 +122,56 @@ class RankEngine:
             v = v[1:2] + self.cfg[e] * (v[0:1] - v[1:2])
         return v
 
+    def _signatures(self, item: Item) -> tuple[tuple, tuple]:
+        """What sets the shapes of an item's kernels on this rank: (layers, head)."""
+        frames, ctx, own = self._window(item)
+        e = self.expert[item.step]
+        right = self.layout.right_context_frames(self.schedule.items[item.index - 1].block) \
+            if self._uses_right(item) else 0
+        nxt = item.index + 1
+        keep = (ctx * self.hw, self.layout.right_context_frames(item.block) * self.hw) \
+            if nxt < len(self.schedule) and self._uses_right(self.schedule.items[nxt]) else None
+        base = (e, self.batch[e], self.grid_hw, frames)
+        return ("layers", *base, right, keep), ("head", *base, ctx, own)
+
+    @torch.no_grad()
+    def _prewarm(self) -> None:
+        """Run this rank's part of every new kernel shape of the job once, locally, before any message is sent.
+
+        Why: loading a kernel's module for its first launch waits until the whole GPU is idle (CUDA lazy loading,
+        and torch.compile's Triton kernels on every new shape). In a pipeline that is a deadlock: rank 0 has a
+        receive in flight whose kernel spins until the last rank answers, while the last rank waits for hidden
+        states that rank 0 cannot send until its own load finishes. The workers also set CUDA_MODULE_LOADING=EAGER
+        (torch's own kernels); this covers the kernels compiled or chosen per shape. Each shape is warmed once per
+        engine: the first job pays about one block-step of this rank's layers per window shape, later jobs nothing.
+        """
+        dev, dim, dtype = self.model.device, self.model.config.dim, self.model.dtype
+        C, H, W = self.job.shape[1], self.job.shape[3], self.job.shape[4]
+        ran = False
+        for it in self.schedule.items:
+            lsig, hsig = self._signatures(it)
+            _, e, b, _, frames, right, keep = lsig
+            if lsig not in self.warmed:
+                if self.model.has_embed:
+                    h = self.model.stages[e].embed(torch.zeros(1, C, frames, H, W, device=dev))
+                    h = h.expand(b, -1, -1).contiguous()
+                else:
+                    h = torch.zeros(b, frames * self.hw, dim, dtype=dtype, device=dev)
+                r = None
+                if right:
+                    z = torch.zeros(b, right * self.hw, dim, dtype=dtype, device=dev)
+                    r = {i: (z, z) for i in self.model.layers}
+                self.model.blocks_forward(h, self._temb(it.step)[0], self.text[e], (frames, *self.grid_hw),
+                                          right=r, keep=keep, expert=e)
+                self.warmed.add(lsig)
+                ran = True
+            if self.model.has_head and hsig not in self.warmed:
+                self._head(it, torch.zeros(b, frames * self.hw, dim, dtype=dtype, device=dev))
+                self.warmed.add(hsig)
+                ran = True
+        if ran and dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
     # ------------------------------------------------------------------ public entry
     def run_job(self, job: Job, progress: ProgressFn | None = None,
                 cancelled: Callable[[], bool] | None = None) -> torch.Tensor | None:
@@ -129,6 +182,11 @@ class RankEngine:
         job.validate(self.model.config)
         self._prepare(job)
         self.jobs_run += 1
+        if self.pipe is not None:  # every step's modulation now: its host-to-GPU copy waits for the GPU to drain
+            for step in range(len(self.sc.sigmas) - 1):
+                self._temb(step)
+        if self.prewarm:
+            self._prewarm()
         try:
             if self.rank != 0:
                 for _ in range(job.shape[0]):

@@ -95,6 +95,10 @@ class GroupRank(LeadRank):
     # ------------------------------------------------------------------ start
     def run(self) -> NoReturn:
         self.fire("startup")
+        if self.world > 1 and self.args.device != "cpu":  # before anything starts CUDA (see the function)
+            from .comm import prefer_eager_module_loading
+
+            prefer_eager_module_loading()
         if self.args.device == "auto" and torch.cuda.is_available():
             n = torch.cuda.device_count()
             if self.local_rank >= n:

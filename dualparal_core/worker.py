@@ -174,6 +174,10 @@ class Worker:
         device = torch.device(spec.devices[self.rank])
         self.device = str(device)
         if device.type == "cuda":
+            if self.world > 1:
+                from .comm import prefer_eager_module_loading
+
+                prefer_eager_module_loading()
             torch.cuda.set_device(device)
         pipe = self._join(device, msg.get("store"), max(timeouts.startup, timeouts.step) + 30.0)
         self.phase, self.busy = "load", True

@@ -127,3 +127,51 @@ def test_bad_jobs_are_refused_before_any_work(setup, bad, needle):
     kw.update(bad)
     with pytest.raises(ValueError, match=needle):
         run_single_process(stage, Job(**kw))
+
+
+def _recording_engine(stage):
+    """A RankEngine with pre-warm on, recording the shapes of every layer and head call and whether pre-warm made
+    it (the property pre-warm exists for: no kernel shape is new once the pipeline runs)."""
+    from dualparal_core.engine import RankEngine
+
+    eng = RankEngine(stage)
+    eng.prewarm = True
+    calls = {"warm": [], "job": []}
+    phase = ["job"]
+    inner_bf, inner_head, inner_pw = eng.model.blocks_forward, eng._head, eng._prewarm
+
+    def bf(h, tproj, text, grid, right=None, keep=None, expert=0):
+        r = None if right is None else next(iter(right.values()))[0].shape
+        calls[phase[0]].append(("layers", tuple(h.shape), tuple(grid), r, keep, expert, text.kv[0][0].shape[0]))
+        return inner_bf(h, tproj, text, grid, right=right, keep=keep, expert=expert)
+
+    def head(item, h):
+        calls[phase[0]].append(("head", tuple(h.shape), eng._window(item)))
+        return inner_head(item, h)
+
+    def pw():
+        phase[0] = "warm"
+        try:
+            inner_pw()
+        finally:
+            phase[0] = "job"
+
+    eng.model.blocks_forward, eng._head, eng._prewarm = bf, head, pw
+    return eng, calls
+
+
+@pytest.mark.parametrize("frames,P,K", [(9, 3, 2), (8, 3, 1), (5, 2, 0)])
+def test_prewarm_runs_every_kernel_shape_of_the_job_before_it_starts(setup, frames, P, K):
+    cfg, ref, stage, cond, uncond = setup
+    sc = SamplingConfig(sigmas=SIGMAS, sampler="uni_pc", cfg=3.0, seed=5, num_per_block=P, num_cat=K)
+    job = Job(sc, (1, 16, frames, 4, 4), cond, uncond)
+    eng, calls = _recording_engine(stage)
+    out = eng.run_job(job)
+    assert torch.equal(out, run_single_process(stage, job))  # pre-warm leaves no trace in the result
+    assert calls["job"] and set(calls["job"]) <= set(calls["warm"]), set(calls["job"]) - set(calls["warm"])
+    assert len(calls["warm"]) == len(set(calls["warm"]))  # each shape once
+    n_warm = len(calls["warm"])
+    eng.run_job(job)  # same shapes: nothing new to warm
+    assert len(calls["warm"]) == n_warm
+    eng.run_job(Job(sc, (1, 16, frames + 3, 4, 4), cond, uncond))  # a new last-block length: only that is warmed
+    assert len(calls["job"]) > 0 and set(calls["job"]) <= set(calls["warm"])

@@ -155,3 +155,18 @@ def test_expert_pair_must_match_and_lora_routing_is_checked():
                       loras=(("a", 1.0, "both"), ("h", 1.0, "high"), ("l", 1.0, "low"), ("old", 1.0)))
     assert [e[0] for e in src.expert_loras(0)] == ["a", "h", "old"]
     assert [e[0] for e in src.expert_loras(1)] == ["a", "l", "old"]
+
+
+def test_prewarm_covers_both_experts_and_their_batches(pair):
+    """Two experts at cfg and cfg_low 1: batches 2 and 1, and the block-step without right context at the switch —
+    every one of those kernel shapes is run by pre-warm before the job's first block-step."""
+    from test_engine import _recording_engine
+
+    _, _, stages, cond, uncond = pair
+    job = _job(cond, uncond, cfg=3.0, cfg_low=1.0, K=1, P=2)
+    eng, calls = _recording_engine(Experts(stages, 0.875))
+    out = eng.run_job(job)
+    assert torch.equal(out, run_single_process(Experts(stages, 0.875), job))
+    assert {c[-1] for c in calls["job"] if c[0] == "layers"} == {2, 1}  # both batches ran
+    assert {c[-2] for c in calls["job"] if c[0] == "layers"} == {HIGH, LOW}
+    assert set(calls["job"]) <= set(calls["warm"]), set(calls["job"]) - set(calls["warm"])
