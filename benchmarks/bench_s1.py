@@ -265,7 +265,9 @@ def main() -> None:
         ref_w = min(verify)
         for w, lat in sorted(verify.items()):
             d = float(abs(lat - verify[ref_w]).max())
-            print(f"verify: N={w} vs N={ref_w}: max |diff| = {d:.3g} (finite: {bool(np.isfinite(lat).all())})")
+            rel = float(np.linalg.norm(lat - verify[ref_w]) / max(np.linalg.norm(verify[ref_w]), 1e-30))
+            print(f"verify: N={w} vs N={ref_w}: max |diff| = {d:.3g}, relative L2 {rel:.3g}, mean |diff| "
+                  f"{float(abs(lat - verify[ref_w]).mean()):.3g} (finite: {bool(np.isfinite(lat).all())})")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(device=dev_name, date=stamp, argv=sys.argv, rows=rows), indent=1))
 
