@@ -118,6 +118,8 @@ def _rank_main(rank: int, world: int, port: int, args, q) -> None:
     load_s = time.time() - t0
     weights_gib = torch.cuda.memory_allocated(dev) / 2**30 if cuda else 0.0
     eng = RankEngine(st, pipe, max_in_flight=args.in_flight)
+    if args.prewarm != "auto":
+        eng.prewarm = args.prewarm == "on"
     H, W = args.height // 8, args.width // 8
     g = torch.Generator().manual_seed(0)
     cond = torch.randn(1, 512, cfg.text_dim, generator=g)
@@ -210,6 +212,9 @@ def main() -> None:
     ap.add_argument("--weights", choices=["dequant", "fp8"], default="dequant",
                     help="fp8: the blocks' Linear weights held in fp8 and dequantised per layer (PoolSpec.weights)")
     ap.add_argument("--in-flight", type=int, default=None)
+    ap.add_argument("--prewarm", choices=["auto", "on", "off"], default="auto",
+                    help="RankEngine.prewarm (auto: on for GPU pipelines)")
+    ap.add_argument("--save-verify", default=None, help="save the --verify latents (one .npy per GPU count) here")
     ap.add_argument("--baseline", action="store_true", help="also run 1-GPU full-sequence sampling")
     ap.add_argument("--baseline-frames", type=int, nargs="+", default=None,
                     help="latent frames of the baseline runs (default: --frames)")
@@ -268,6 +273,10 @@ def main() -> None:
             rel = float(np.linalg.norm(lat - verify[ref_w]) / max(np.linalg.norm(verify[ref_w]), 1e-30))
             print(f"verify: N={w} vs N={ref_w}: max |diff| = {d:.3g}, relative L2 {rel:.3g}, mean |diff| "
                   f"{float(abs(lat - verify[ref_w]).mean()):.3g} (finite: {bool(np.isfinite(lat).all())})")
+    if args.save_verify:
+        Path(args.save_verify).mkdir(parents=True, exist_ok=True)
+        for w, lat in verify.items():
+            np.save(Path(args.save_verify) / f"verify_N{w}.npy", lat)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(device=dev_name, date=stamp, argv=sys.argv, rows=rows), indent=1))
 

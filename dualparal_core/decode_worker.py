@@ -3,7 +3,7 @@
 The rank keeps one decoder, keyed by (fingerprint, dtype), on its own device; a message without weights for a key
 it lacks is answered with ``need_weights`` and the parent sends them. It primes the causal cache on the latent
 frames before its span, decodes the span block by block and sends every block's frames as soon as they exist
-(``OP_FRAMES``), then ``OP_RESULT`` with counters. Between latent frames (priming included) it reads the control
+(``OP_FRAMES``, from a sender thread: the device decodes the next block meanwhile), then ``OP_RESULT`` with counters. Between latent frames (priming included) it reads the control
 connection: ``OP_CANCEL`` of this job stops it after that frame (``OP_CANCELLED``); ``OP_CLOSE`` stops it and ends
 the worker. An exception while decoding (a bad state dict, out of memory) is reported in ``OP_RESULT["failed"]``
 and the rank stays up: decoding touches no process group, so the pool stays usable for sampling.
@@ -11,6 +11,8 @@ and the rank stays up: decoding touches no process group, so the pool stays usab
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 import traceback
 
@@ -35,6 +37,57 @@ class DecodeState:
         self.decoders_built = 0
         self.decodes = 0
         self.blocks = 0
+
+
+class _Sender:
+    """Sends each block's frames from a thread, in order, while the device decodes the next block.
+
+    On a GPU the frames leave through a pinned buffer (an asynchronous copy and an event): the decoder never waits
+    for the copy, the pickling or the socket. At most ``depth`` blocks wait, so host memory stays bounded.
+    """
+
+    def __init__(self, worker, depth: int = 2) -> None:
+        self.worker, self.error = worker, None
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.t = threading.Thread(target=self._run, name="dualparal-decode-send", daemon=True)
+        self.t.start()
+
+    def put(self, frames: torch.Tensor, **meta) -> None:
+        event = None
+        if frames.device.type == "cuda":
+            host = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True)
+            host.copy_(frames, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            item = (event, host, frames, meta)  # the device tensor lives until its copy is done
+        else:
+            item = (None, frames, None, meta)
+        while self.error is None:
+            try:
+                self.q.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _run(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            event, host, _, meta = item
+            try:
+                if self.error is None:
+                    if event is not None:
+                        event.synchronize()
+                    self.worker.send(proto.OP_FRAMES, frames=host, **meta)
+            except Exception as exc:  # noqa: BLE001 - the parent is gone; the decode loop sees it and stops
+                self.error = exc
+            del item, event, host, meta
+
+    def close(self) -> None:
+        """Wait until every queued block has been sent (or the connection failed)."""
+        self.q.put(None)
+        self.t.join()
 
 
 def _state(worker) -> DecodeState:
@@ -110,6 +163,7 @@ def serve_decode(worker, msg: dict) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     blocks, first_block_s, failed = 0, None, None
+    sender = _Sender(worker)
     try:
         for b in range(z.shape[0]):
             frame = pixel_offset(start, decoder.temporal_scale)
@@ -119,7 +173,7 @@ def serve_decode(worker, msg: dict) -> None:
                 try:
                     video = next(span)
                     frames = to_image(video)[0]
-                    frames = (to_uint8(frames) if uint8 else frames).cpu()
+                    frames = to_uint8(frames) if uint8 else frames
                     del video
                     state.blocks += 1
                     if worker.faults:  # tests: DUALPARAL_FAULT phase=decode, step = this rank's blocks so far
@@ -129,7 +183,10 @@ def serve_decode(worker, msg: dict) -> None:
                 except Exception as exc:  # noqa: BLE001 - OOM or a bad latent: reported, the rank stays up
                     failed = (type(exc).__name__, str(exc), traceback.format_exc())  # no frames kept alive
                     break
-                worker.send(proto.OP_FRAMES, job=job, video=b, frame=frame, frames=frames)
+                sender.put(frames, job=job, video=b, frame=frame)
+                if sender.error is not None:
+                    stop["gone"] = sender.error
+                    break
                 frame += frames.shape[0]
                 blocks += 1
                 worker.block_step = blocks
@@ -137,6 +194,10 @@ def serve_decode(worker, msg: dict) -> None:
             if failed is not None or stop["cancel"] or stop["gone"] is not None:
                 break
     finally:
+        frames = None
+        sender.close()  # every block decoded so far is sent before the result (or the cancel) is
+        if sender.error is not None and stop["gone"] is None:
+            stop["gone"] = sender.error
         worker.phase, worker.busy = "idle", False
         state.decodes += 1
         if device.type == "cuda":

@@ -261,3 +261,46 @@ def test_real_wan21_shape_over_three_ranks(pool):
     sink, report = run(pool, z, sd, block_size=4, spans=[(0, 40), (40, 42), (42, 44)])
     assert report.weights_sent == 3
     assert torch.equal(sink.image, reference(dec, z))
+
+
+def test_the_frame_sender_keeps_block_order_and_reports_a_lost_parent():
+    """Frames leave from a thread while the next block decodes: in order, all of them before close() returns, and
+    a failed send (the parent is gone) is reported to the decode loop instead of being lost."""
+    import threading
+    import time as _time
+
+    from dualparal_core.decode_worker import _Sender
+
+    class FakeWorker:
+        def __init__(self, fail_at=None):
+            self.got, self.fail_at = [], fail_at
+
+        def send(self, op, **kw):
+            _time.sleep(0.01)  # slower than the producer: the queue fills and put() waits
+            if self.fail_at is not None and kw["frame"] == self.fail_at:
+                raise ConnectionResetError("parent gone")
+            self.got.append((op, kw["frame"], float(kw["frames"][0, 0, 0, 0])))
+
+    w = FakeWorker()
+    s = _Sender(w, depth=2)
+    for i in range(12):
+        s.put(torch.full((1, 2, 2, 3), float(i)), frame=i)
+    s.close()
+    assert [g[1] for g in w.got] == list(range(12)) and [g[2] for g in w.got] == [float(i) for i in range(12)]
+    assert s.error is None and not s.t.is_alive()
+
+    w = FakeWorker(fail_at=3)
+    s = _Sender(w, depth=2)
+    done = threading.Event()
+
+    def produce():
+        for i in range(50):
+            s.put(torch.zeros(1, 2, 2, 3), frame=i)
+            if s.error is not None:
+                break
+        done.set()
+
+    threading.Thread(target=produce, daemon=True).start()
+    assert done.wait(10), "put() must not block forever once the parent is gone"
+    s.close()
+    assert isinstance(s.error, ConnectionResetError) and [g[1] for g in w.got] == [0, 1, 2]
