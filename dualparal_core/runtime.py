@@ -92,6 +92,9 @@ def check_spec(spec: PoolSpec, env: dict[str, str]) -> tuple[PoolSpec, WanConfig
     src, config = check_source(spec.source)
     spec = replace(spec, source=src)
     split_layers(config.num_layers, spec.world_size)
+    env_compile = env.get("DUALPARAL_COMPILE", "").strip()
+    if spec.compile is None and env_compile not in ("", "0", "1"):
+        raise ValueError(f"DUALPARAL_COMPILE must be 0 or 1 (unset: on for GPUs); got {env_compile!r}.")
     gpus = [d for d in spec.devices if d.startswith("cuda")]
     if gpus:
         if any(not d.startswith("cuda:") or not d[5:].isdigit() for d in gpus):
@@ -187,9 +190,24 @@ def _build_expert(spec: PoolSpec, src: ModelSource, expert: int, config: WanConf
     del sd
     stage.eval()
     stage.fuse_qkv()  # after LoRAs are merged: one GEMM for q, k and v
-    if spec.compile if spec.compile is not None else dev.type == "cuda":
+    if wants_compile(spec, dev):
         stage.compile_elementwise()
     return stage
+
+
+def wants_compile(spec: PoolSpec, dev: torch.device) -> bool:
+    """PoolSpec.compile when set; else DUALPARAL_COMPILE=0/1 from the environment; else on for CUDA only.
+
+    The environment switch exists for users who need the same latents on any number of GPUs: on two H200s the
+    compiled elementwise chains made 1 and 2 GPUs differ slightly, the plain ops are bit-identical (README)."""
+    if spec.compile is not None:
+        return bool(spec.compile)
+    env = os.environ.get("DUALPARAL_COMPILE", "").strip()
+    if env in ("0", "1"):
+        return env == "1"
+    if env:
+        raise ValueError(f"DUALPARAL_COMPILE must be 0 or 1 (unset: on for GPUs); got {env!r}.")
+    return dev.type == "cuda"
 
 
 def _lora_weight_keys(loras, sd) -> list[str]:

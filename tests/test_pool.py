@@ -383,3 +383,24 @@ def test_gpu_groups_without_nccl_are_refused_before_any_spawn(monkeypatch):
     with pytest.raises(ValueError, match=r"need NCCL.*WSL2.*cpu:2"):
         check_spec(spec, {})
     check_spec(PoolSpec(ModelSource(random_config=WanConfig.tiny()), devices=("cpu", "cpu")), {})  # CPU still fine
+
+
+def test_dualparal_compile_environment_switch(monkeypatch, tiny_config):
+    """DUALPARAL_COMPILE=0/1 overrides the default (on for GPUs) when the spec leaves compile unset; a bad value is
+    refused before any process starts, naming the variable, the value and what works."""
+    from dualparal_core.config import ModelSource, PoolSpec
+    from dualparal_core.runtime import check_spec, wants_compile
+
+    spec = PoolSpec(ModelSource(random_config=tiny_config), devices=("cpu",), dtype="fp32")
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.delenv("DUALPARAL_COMPILE", raising=False)
+    assert wants_compile(spec, cuda) and not wants_compile(spec, cpu)
+    monkeypatch.setenv("DUALPARAL_COMPILE", "0")
+    assert not wants_compile(spec, cuda)
+    monkeypatch.setenv("DUALPARAL_COMPILE", "1")
+    assert wants_compile(spec, cpu)
+    from dataclasses import replace
+
+    assert not wants_compile(replace(spec, compile=False), cuda)  # the spec wins
+    with pytest.raises(ValueError, match=r"DUALPARAL_COMPILE must be 0 or 1.*'yes'"):
+        check_spec(spec, {"DUALPARAL_COMPILE": "yes"})
