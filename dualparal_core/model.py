@@ -319,10 +319,9 @@ class WanStage(nn.Module):
 
         # one graph per window shape (with/without right context, short last block, each resolution): allow many
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        # Inductor times candidate configs of its reductions on the GPU and keeps the fastest: which one wins varies
-        # from process to process, and with it the last bits of every norm. Deterministic mode picks without timing,
-        # so a seed gives the same video on any number of GPUs and in every run (measured on 2xH200: without it,
-        # 1 vs 2 GPUs differed by up to 0.21 in the latents after 3 steps; without compile they are bit-identical).
+        # Inductor times candidate configs of its reductions on the GPU and keeps the fastest, so the last bits of
+        # every norm could vary from process to process; deterministic mode picks without timing. (It did not remove
+        # the difference seen between 1 and 2 H200s with compilation on; that one is open: README, DUALPARAL_COMPILE.)
         import torch._inductor.config as inductor_config
 
         if hasattr(inductor_config, "deterministic") and os.environ.get("TORCHINDUCTOR_DETERMINISTIC") != "0":
