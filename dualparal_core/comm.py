@@ -132,9 +132,10 @@ class Pipe:
 
     def send_next(self, header: int, h: torch.Tensor | None = None) -> None:
         """Header (item index, or HEADER_STOP) and, unless stopping, the hidden states to rank + 1."""
-        # a fill on the device, not torch.tensor([...]): that copies from pageable host memory and so waits for the
-        # GPU to finish everything queued (the layers just issued), stalling rank 0's issue-ahead at every item
-        hdr = torch.full((1,), header, dtype=torch.int64, device=self.device)
+        # Built from host memory on purpose: the copy waits for the GPU to finish what is queued, which keeps rank 0's
+        # host at most one item ahead of its GPU. NCCL holds every sent tensor until its send completes, so a host
+        # that ran further ahead would hold more hidden states in memory (the measured runs had this throttle).
+        hdr = torch.tensor([header], dtype=torch.int64, device=self.device)
         self._keep(dist.isend(hdr, self.rank + 1), hdr)
         if h is not None:
             self._keep(dist.isend(h, self.rank + 1), h)
