@@ -37,12 +37,12 @@ def block_step_flops(cfg: WanConfig, lq: int, lk: int, b: int, text: int = 512) 
     return cfg.num_layers * b * (lq * (12 * d * d + 4 * d * f) + 4 * lq * lk * d + 4 * lq * text * d)
 
 
-def job_flops(cfg: WanConfig, layout: BlockLayout, steps: int, tokens_per_frame: int, b: int,
-              experts: list[int] | None = None, b_low: int | None = None) -> float:
-    """FLOPs of a job; ``experts``: the expert of each step (two experts: no right context between block-steps of
-    different experts, and the low-noise expert's batch is ``b_low``)."""
+def item_flops(cfg: WanConfig, layout: BlockLayout, steps: int, tokens_per_frame: int, b: int,
+               experts: list[int] | None = None, b_low: int | None = None) -> list[float]:
+    """FLOPs of each block-step in schedule order; ``experts``: the expert of each step (two experts: no right
+    context between block-steps of different experts, and the low-noise expert's batch is ``b_low``)."""
     experts = experts or [0] * steps
-    total = 0.0
+    out = []
     for it in Schedule(layout, steps).items:
         s0, e0 = layout.input_span(it.block)
         lq = (e0 - s0) * tokens_per_frame
@@ -50,8 +50,23 @@ def job_flops(cfg: WanConfig, layout: BlockLayout, steps: int, tokens_per_frame:
         same = it.step == 0 or experts[it.step - 1] == experts[it.step]
         if it.right_ctx and layout.num_cat and same:  # keys of the next-newer block's first frames
             lk = lq + layout.right_context_frames(it.block + 1) * tokens_per_frame
-        total += block_step_flops(cfg, lq, lk, b if experts[it.step] == 0 or b_low is None else b_low)
-    return total
+        out.append(block_step_flops(cfg, lq, lk, b if experts[it.step] == 0 or b_low is None else b_low))
+    return out
+
+
+def job_flops(*args, **kw) -> float:
+    return sum(item_flops(*args, **kw))
+
+
+def steady_rate(ticks: list[float], flops: list[float]) -> float | None:
+    """FLOP/s of the pipeline once full: the block-steps finished in the middle half of the job (``ticks``: when
+    the last rank finished each block-step's head, in schedule order) over the time they took."""
+    n = len(ticks)
+    if n != len(flops) or n < 8:
+        return None
+    a, b = n // 4, (3 * n) // 4
+    dt = ticks[b] - ticks[a]
+    return sum(flops[a + 1:b + 1]) / dt if dt > 0 else None
 
 
 def _stage(cfg, layers, rank, world, dtype, dev, args, seed):
@@ -130,6 +145,39 @@ def _rank_main(rank: int, world: int, port: int, args, q) -> None:
                             noise_mode="coordinated", num_per_block=P, num_cat=K, cfg_low=args.cfg_low)
         return Job(sc, (1, 16, frames, H, W), cond, uncond if sc.use_cfg else None)
 
+    # the last rank stamps every block-step's head (a CUDA event on GPU): the steady-state rate without a 2nd run
+    marks: list = []
+    if rank == world - 1:
+        inner_head, inner_pw, warming = eng._head, eng._prewarm, [False]
+
+        def head(item, h):
+            v = inner_head(item, h)
+            if not warming[0]:
+                if cuda:
+                    ev = torch.cuda.Event(enable_timing=True)
+                    ev.record()
+                    marks.append(ev)
+                else:
+                    marks.append(time.perf_counter())
+            return v
+
+        def prewarm():
+            warming[0] = True
+            try:
+                inner_pw()
+            finally:
+                warming[0] = False
+
+        eng._head, eng._prewarm = head, prewarm
+
+    def ticks() -> list[float]:
+        if not marks:
+            return []
+        if cuda:
+            torch.cuda.synchronize(dev)
+            return [marks[0].elapsed_time(e) / 1e3 for e in marks]
+        return [t - marks[0] for t in marks]
+
     results = []
     for name, frames, P, K in args.runs:
         # warm-up: same window shapes, fewer frames and steps
@@ -139,6 +187,7 @@ def _rank_main(rank: int, world: int, port: int, args, q) -> None:
             torch.cuda.reset_peak_memory_stats(dev)
         if world > 1:
             torch.distributed.barrier()
+        marks.clear()
         t0 = time.perf_counter()
         eng.run_job(job(frames, args.steps, P, K))
         if cuda:
@@ -149,6 +198,7 @@ def _rank_main(rank: int, world: int, port: int, args, q) -> None:
         peak = torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else 0.0
         resv = torch.cuda.max_memory_reserved(dev) / 2**30 if cuda else 0.0
         results.append(dict(name=name, rank=rank, seconds=dt, peak_gib=peak, reserved_gib=resv, load_s=load_s,
+                            ticks=ticks(),
                             weights_gib=weights_gib))
         print(f"[rank {rank}] {name}: {dt:.2f} s, peak {peak:.2f} GiB, reserved {resv:.2f} GiB", flush=True)
     if args.verify and rank == 0:
@@ -242,9 +292,13 @@ def main() -> None:
                 verify[world] = r["latents"]
         for r in _aggregate([r for r in res if r["name"] != "verify"], world):
             f = int(r["name"].split("T=")[1])
-            fl = job_flops(cfg, BlockLayout(f, args.P, args.K), args.steps, tpf, b, experts, b_low)
-            rows.append(dict(r, world=world, frames=f, flops=fl, plan_gib=_plan(cfg, world, args, args.P, args.K,
-                                                                                  tpf, b, b_low)))
+            per_item = item_flops(cfg, BlockLayout(f, args.P, args.K), args.steps, tpf, b, experts, b_low)
+            rate = steady_rate(r.get("ticks", []), per_item)
+            rows.append(dict(r, world=world, frames=f, flops=sum(per_item), tick_rate=rate,
+                             plan_gib=_plan(cfg, world, args, args.P, args.K, tpf, b, b_low)))
+            if rate:
+                print(f"N={world} T={f}: steady-state {rate / world / 1e12:.0f} TFLOP/s per GPU from the last "
+                      f"rank's block-step ticks (middle half of the job)", flush=True)
             _row(rows[-1])
         rows.extend(_extrapolated([r for r in rows if r["world"] == world and "T=" in r["name"]], cfg, args, tpf, b,
                                   experts, b_low))
@@ -282,23 +336,31 @@ def main() -> None:
 
 
 def _extrapolated(measured: list[dict], cfg, args, tpf, b, experts, b_low) -> list[dict]:
-    """Rows for ``args.extrapolate`` from the two longest measured runs. Once the pipeline is full every block-step
-    takes time in proportion to its FLOPs, so the time is ``fill_and_drain + FLOPs / rate``: two runs give both
-    terms (the steady-state rate is the slope). Memory is the longer run's measured peak: the cache holds a fixed
-    window, so it does not grow with the video."""
+    """Rows for ``args.extrapolate``. Once the pipeline is full every block-step takes time in proportion to its
+    FLOPs, so the time is ``fill_and_drain + FLOPs / rate``. With two measured lengths both terms come from them (the
+    rate is the slope); with one, the rate is the steady-state rate of the last rank's block-step ticks. Memory is
+    the longest run's measured peak: the cache holds a fixed window, so it does not grow with the video."""
     pts = sorted((r["flops"], r) for r in measured if r["name"].startswith("dualparal") and "extrapolated" not in
                  r["name"])
-    if len(pts) < 2 or not args.extrapolate or pts[-2][0] == pts[-1][0]:
+    if not pts or not args.extrapolate:
         return []
-    (f1, r1), (f2, r2) = pts[-2], pts[-1]
-    per_flop = (r2["seconds"] - r1["seconds"]) / (f2 - f1)
-    print(f"N={r2['world']}: steady-state rate {1 / per_flop / r2['world'] / 1e12:.0f} TFLOP/s per GPU, fill and "
-          f"drain {r2['seconds'] - per_flop * f2:.1f} s (from T={r1['frames']},{r2['frames']})", flush=True)
+    f2, r2 = pts[-1]
+    if len(pts) >= 2 and pts[-2][0] != f2:
+        f1, r1 = pts[-2]
+        per_flop = (r2["seconds"] - r1["seconds"]) / (f2 - f1)
+        how = f"extrapolated from T={r1['frames']},{r2['frames']}"
+        print(f"N={r2['world']}: steady-state rate {1 / per_flop / r2['world'] / 1e12:.0f} TFLOP/s per GPU, fill and "
+              f"drain {r2['seconds'] - per_flop * f2:.1f} s (from T={r1['frames']},{r2['frames']})", flush=True)
+    elif r2.get("tick_rate"):
+        per_flop = 1.0 / r2["tick_rate"]
+        how = f"extrapolated from the steady-state ticks of T={r2['frames']}"
+    else:
+        return []
     out = []
     for f in args.extrapolate:
         fl = job_flops(cfg, BlockLayout(f, args.P, args.K), args.steps, tpf, b, experts, b_low)
-        out.append(dict(r2, name=f"dualparal N={r2['world']} T={f} (extrapolated from T={r1['frames']},{r2['frames']})",
-                        frames=f, seconds=r2["seconds"] + per_flop * (fl - f2), flops=fl))
+        out.append(dict(r2, name=f"dualparal N={r2['world']} T={f} ({how})", frames=f,
+                        seconds=r2["seconds"] + per_flop * (fl - f2), flops=fl, ticks=[]))
         _row(out[-1])
     return out
 
@@ -331,6 +393,8 @@ def _aggregate(results: list[dict], world: int) -> list[dict]:
         a["seconds"] = max(a["seconds"], r["seconds"])
         a["peak_gib"] = max(a["peak_gib"], r["peak_gib"])
         a["reserved_gib"] = max(a["reserved_gib"], r["reserved_gib"])
+        if r.get("ticks"):
+            a["ticks"] = r["ticks"]
     return list(by.values())
 
 
