@@ -3,10 +3,11 @@
 The rank keeps one decoder, keyed by (fingerprint, dtype), on its own device; a message without weights for a key
 it lacks is answered with ``need_weights`` and the parent sends them. It primes the causal cache on the latent
 frames before its span, decodes the span block by block and sends every block's frames as soon as they exist
-(``OP_FRAMES``, from a sender thread: the device decodes the next block meanwhile), then ``OP_RESULT`` with counters. Between latent frames (priming included) it reads the control
-connection: ``OP_CANCEL`` of this job stops it after that frame (``OP_CANCELLED``); ``OP_CLOSE`` stops it and ends
-the worker. An exception while decoding (a bad state dict, out of memory) is reported in ``OP_RESULT["failed"]``
-and the rank stays up: decoding touches no process group, so the pool stays usable for sampling.
+(``OP_FRAMES``, from a sender thread: the device decodes the next block meanwhile), then ``OP_RESULT`` with
+counters. Between latent frames (priming included) it reads the control connection: ``OP_CANCEL`` of this job
+stops it after that frame (``OP_CANCELLED``); ``OP_CLOSE`` stops it and ends the worker. An exception while
+decoding (a bad state dict, out of memory) is reported in ``OP_RESULT["failed"]`` and the rank stays up: decoding
+touches no process group, so the pool stays usable for sampling.
 """
 
 from __future__ import annotations

@@ -92,9 +92,8 @@ def check_spec(spec: PoolSpec, env: dict[str, str]) -> tuple[PoolSpec, WanConfig
     src, config = check_source(spec.source)
     spec = replace(spec, source=src)
     split_layers(config.num_layers, spec.world_size)
-    env_compile = env.get("DUALPARAL_COMPILE", "").strip()
-    if spec.compile is None and env_compile not in ("", "0", "1"):
-        raise ValueError(f"DUALPARAL_COMPILE must be 0 or 1 (unset: on for GPUs); got {env_compile!r}.")
+    if spec.compile is None:
+        _env_compile(env)  # a bad value is refused here, before any worker starts
     gpus = [d for d in spec.devices if d.startswith("cuda")]
     if gpus:
         if any(not d.startswith("cuda:") or not d[5:].isdigit() for d in gpus):
@@ -202,12 +201,15 @@ def wants_compile(spec: PoolSpec, dev: torch.device) -> bool:
     compiled elementwise chains made 1 and 2 GPUs differ slightly, the plain ops are bit-identical (README)."""
     if spec.compile is not None:
         return bool(spec.compile)
-    env = os.environ.get("DUALPARAL_COMPILE", "").strip()
-    if env in ("0", "1"):
-        return env == "1"
-    if env:
-        raise ValueError(f"DUALPARAL_COMPILE must be 0 or 1 (unset: on for GPUs); got {env!r}.")
-    return dev.type == "cuda"
+    env = _env_compile(os.environ)
+    return dev.type == "cuda" if env is None else env
+
+
+def _env_compile(env) -> bool | None:
+    value = env.get("DUALPARAL_COMPILE", "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"DUALPARAL_COMPILE must be 0 or 1 (unset: on for GPUs); got {value!r}.")
+    return None if not value else value == "1"
 
 
 def _lora_weight_keys(loras, sd) -> list[str]:

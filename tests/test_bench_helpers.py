@@ -17,7 +17,9 @@ from dualparal_core.config import BlockLayout, WanConfig  # noqa: E402
 def test_steady_rate_ignores_fill_and_drain():
     cfg = WanConfig.wan21_1_3b()
     flops = item_flops(cfg, BlockLayout(40, 8, 8), 10, 1560, 2)
-    assert len(flops) == BlockLayout(40, 8, 8).num_blocks * 10 and sum(flops) == pytest.approx(job_flops(cfg, BlockLayout(40, 8, 8), 10, 1560, 2))
+    layout = BlockLayout(40, 8, 8)
+    assert len(flops) == layout.num_blocks * 10
+    assert sum(flops) == pytest.approx(job_flops(cfg, layout, 10, 1560, 2))
     rate = 4.0e14
     # a pipeline that fills for 3 s, then finishes block-step i after its FLOPs at `rate`, and drains slowly
     t, ticks = 3.0, []
