@@ -148,17 +148,18 @@ def test_sequential_paths_agree(small):
 # ---------------------------------------------------------------------------------------------- files, memory
 def test_streamed_file_has_every_frame_in_order(pool, small, tmp_path):
     dec, sd = small
-    z = latent(1, 72, 4, 4, seed=6)
+    z = latent(1, 112, 4, 4, seed=6)
     ref = reference(dec, z)
     path = tmp_path / "v.mp4"
-    # rank 1 primes on 38 frames and decodes 8: it is done while rank 0 is still at its 46th frame of 64 or so
+    # rank 1 primes on 38 frames and decodes 8: it is done while rank 0 is still at its 46th frame of 104 (a wide
+    # margin: the ranks share two CPU cores with the parent, and the order must not hang on the scheduler)
     sink, _ = run(pool, z, sd, keep=False, writer=VideoWriter(path, 32, 32, 16, "mp4", 0), block_size=2,
-                  spans=[(0, 64), (64, 72)])
+                  spans=[(0, 104), (104, 112)])
     assert sink.spooled_bytes > 0  # rank 1's blocks came early and waited on disk
     reader = imageio_ffmpeg.read_frames(str(path))
     meta = reader.__next__()
     got = np.stack([np.frombuffer(f, np.uint8).reshape(32, 32, 3) for f in reader])
-    assert meta["size"] == (32, 32) and got.shape[0] == num_pixel_frames(72) == 285
+    assert meta["size"] == (32, 32) and got.shape[0] == num_pixel_frames(112) == 445
     want = to_uint8(ref).numpy().astype(np.float32)
     err = np.abs(got.astype(np.float32) - want).mean(axis=(1, 2, 3))
     assert err.max() < 12, err  # yuv420p at crf 0: chroma subsampling only; a swapped block would be far off
@@ -184,8 +185,9 @@ def test_streaming_parent_memory_is_flat(pool, small):
     def stream(t):
         z = latent(1, t, HW, HW, seed=t)
         sink = FrameSink(1, num_pixel_frames(t), 8 * HW, 8 * HW, keep=False, writer=Null())
-        # the planned split: rank 1 primes on 38 frames and runs alongside rank 0, so its blocks come early
-        report = decode_on_pool(pool, z, sd, sink, block_size=2, min_speedup=0, spans=plan_spans(t, 2, 38, 0))
+        # rank 1 primes on 38 frames and decodes the last 4 while rank 0 decodes the rest, so its blocks come early
+        # (by a wide margin: the ranks share two CPU cores with the parent) and must wait on disk, not in memory
+        report = decode_on_pool(pool, z, sd, sink, block_size=2, min_speedup=0, spans=[(0, t - 4), (t - 4, t)])
         sink.finish()
         return sink.spooled_bytes, report
 
