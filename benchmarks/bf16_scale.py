@@ -25,7 +25,6 @@ from dualparal_core.protocol import Job  # noqa: E402
 
 
 def main() -> None:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = WanConfig.wan21_1_3b()
     g = torch.Generator().manual_seed(0)
     cond, uncond = torch.randn(1, 32, cfg.text_dim, generator=g), torch.randn(1, 32, cfg.text_dim, generator=g)
