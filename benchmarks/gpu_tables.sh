@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Re-run the README's GPU tables on a machine with two GPUs (NCCL), one group at a time, each step under a time
+# limit, with full logs and JSON in $OUT (default ./gpu-results). Usage:
+#
+#   bash benchmarks/gpu_tables.sh s1        # S1 on 2 and 1 GPUs (40 and 72 latent frames, extrapolated to 257)
+#   bash benchmarks/gpu_tables.sh baseline  # one GPU, full-sequence sampling, 72 latent frames
+#   bash benchmarks/gpu_tables.sh decode    # Block Decode, 257 latent frames at 832x480, 1 and 2 GPUs
+#   bash benchmarks/gpu_tables.sh 14b       # Wan2.1-14B shapes on 2 GPUs, bf16 and fp8 weights
+#   bash benchmarks/gpu_tables.sh a14b      # Wan2.2 A14B shapes (two experts, fp8, cfg_low 1) on 2 GPUs
+#   bash benchmarks/gpu_tables.sh 14b-1gpu  # Wan2.1-14B shapes on 1 GPU
+#   bash benchmarks/gpu_tables.sh parity    # 1 vs 2 GPUs: plain, fused, compiled (the README's open item)
+#
+# 14B steps measure one length and extrapolate from the steady-state block-step ticks (bench_s1.py --extrapolate).
+# Each group ends within 10 minutes (the limits below); run them as separate commands on a lent machine.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-results}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+
+step() {  # name limit_s command...: full log in $OUT/name.log, a line per step in $OUT/steps.txt
+    local name=$1 limit=$2 start
+    shift 2
+    start=$(date +%s)
+    timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    echo "$name rc=$? $(( $(date +%s) - start )) s: $*" | tee -a "$OUT/steps.txt"
+}
+
+S1="$PY benchmarks/bench_s1.py --fuse --compile"
+case "${1:-}" in
+s1) step s1 480 $S1 --world 2 1 --frames 40 72 --extrapolate 257 --verify --timeout 460 --json "$OUT/s1.json" ;;
+baseline) step base 300 $S1 --world --baseline --frames 72 --timeout 280 --json "$OUT/base.json" ;;
+decode) step decode 300 "$PY" benchmarks/bench_decode.py --devices 0,1 --json "$OUT/decode.json" ;;
+14b)
+    step b14 200 $S1 --model 14b --world 2 --frames 24 --extrapolate 72 257 --timeout 190 --json "$OUT/b14.json"
+    step f14 200 $S1 --model 14b --weights fp8 --world 2 --frames 24 --extrapolate 72 257 --timeout 190 \
+        --json "$OUT/f14.json" ;;
+a14b)
+    step a14 200 $S1 --model 14b --experts 2 --weights fp8 --cfg-low 1 --world 2 --frames 24 --extrapolate 72 \
+        --timeout 190 --json "$OUT/a14.json" ;;
+14b-1gpu) step n1_14 330 $S1 --model 14b --world 1 --frames 24 --extrapolate 72 257 --timeout 320 \
+    --json "$OUT/n1_14.json" ;;
+parity)
+    B="$PY benchmarks/bench_s1.py --frames 8 --steps 2 --verify --timeout 110"
+    step p_plain 120 $B --world 1 2 --save-verify "$OUT/parity/plain"
+    step p_fused 120 $B --world 1 2 --fuse --save-verify "$OUT/parity/fused"
+    step p_compiled 120 $B --world 1 2 --compile --save-verify "$OUT/parity/compiled"
+    step p_compiled_1inflight 120 $B --world 1 2 --fuse --compile --in-flight 1 --save-verify "$OUT/parity/c1"
+    step p_compiled_prewarm 120 $B --world 1 --fuse --compile --prewarm on --save-verify "$OUT/parity/c_pw" ;;
+*) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac
