@@ -88,6 +88,26 @@ def rope_qk(x: torch.Tensor, norm_w: torch.Tensor, eps: float, heads: int, cos: 
 _ELEMENTWISE = {"modulate": modulate, "gated_residual": gated_residual, "rope_qk": rope_qk}
 
 
+def _deterministic_compiled(fn):
+    """Call a compiled function with torch's deterministic-algorithms flag on (warn-only), so that Inductor, which
+    reads the flag when it builds a kernel, keeps one launch config per reduction instead of timing several. Only
+    these elementwise calls run under it (no cuBLAS or other eager op), and always under it, so Dynamo's guard on
+    the flag never asks for a recompile."""
+    def call(*args, **kwargs):
+        if torch.are_deterministic_algorithms_enabled():
+            return fn(*args, **kwargs)
+        fill = torch.utils.deterministic.fill_uninitialized_memory
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = False  # Inductor's scratch buffers: no NaN fill
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.use_deterministic_algorithms(False)
+            torch.utils.deterministic.fill_uninitialized_memory = fill
+
+    return call
+
+
 @dataclass
 class TextKV:
     """Cross-attention keys/values of one job, per layer: {layer: (k, v)} each [b, H, L_text, d]."""
@@ -319,14 +339,25 @@ class WanStage(nn.Module):
 
         # one graph per window shape (with/without right context, short last block, each resolution): allow many
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        # Inductor times candidate configs of its reductions on the GPU and keeps the fastest, so the last bits of
-        # every norm could vary from process to process; deterministic mode picks without timing. (It did not remove
-        # the difference seen between 1 and 2 H200s with compilation on; that one is open: README, DUALPARAL_COMPILE.)
+        # Inductor may time several launch configs of a reduction (block size, warps) on the GPU at its first call
+        # and keep the fastest; the configs sum in different orders, so the choice moves the last bits of every
+        # norm. On two H200s the choice differed on the second GPU (its kernels are built for another device index,
+        # and a receive kernel spinning beside the timing skews it): 2 GPUs gave other latents than 1, and than
+        # each other (traced to the first rope_qk of rank 1, identical inputs, different outputs). Picking the
+        # config without timing makes it a function of the shapes alone. Inductor's switches for that moved
+        # between versions, so set each one this torch has, and compile under deterministic algorithms, which
+        # every version's reduction-config filter honours (see _deterministic_compiled).
         import torch._inductor.config as inductor_config
 
-        if hasattr(inductor_config, "deterministic") and os.environ.get("TORCHINDUCTOR_DETERMINISTIC") != "0":
-            inductor_config.deterministic = True
-        self._ew = {k: torch.compile(f, dynamic=False) for k, f in _ELEMENTWISE.items()}
+        det = os.environ.get("TORCHINDUCTOR_DETERMINISTIC") != "0"
+        if det:
+            for holder, name in ((inductor_config, "deterministic"),
+                                 (getattr(inductor_config, "test_configs", None), "force_filter_reduction_configs")):
+                if holder is not None and hasattr(holder, name):
+                    setattr(holder, name, True)
+            inductor_config.triton.autotune_pointwise = False
+        wrap = _deterministic_compiled if det else (lambda f: f)
+        self._ew = {k: wrap(torch.compile(f, dynamic=False)) for k, f in _ELEMENTWISE.items()}
 
     # ------------------------------------------------------------------ head
     @torch.no_grad()

@@ -8,6 +8,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
+import dualparal_core.model as model_mod
 from dualparal_core.config import WanConfig
 from dualparal_core.model import WanStage
 
@@ -168,3 +169,13 @@ def test_compiled_elementwise_chains_equal_eager(ref_model):
     got, cache_c = st.blocks_forward(h, tp, text, (4, 2, 3), keep=(12, 12))
     got_r, _ = st.blocks_forward(h, tp, text, (4, 2, 3), right=cache_c)
     assert _rel(got, want) <= 1e-5 and _rel(got_r, want_r) <= 1e-5
+    # the chains are built and run with deterministic algorithms on (Inductor then keeps one launch config per
+    # reduction instead of timing several: the 2-GPU difference of docs/ARCHITECTURE.md), and the flag is the
+    # caller's again afterwards
+    assert not torch.are_deterministic_algorithms_enabled()
+    seen = []
+    probe = model_mod._deterministic_compiled(lambda x: seen.append(torch.are_deterministic_algorithms_enabled()) or x)
+    probe(h)
+    assert seen == [True] and not torch.are_deterministic_algorithms_enabled()
+    assert torch.utils.deterministic.fill_uninitialized_memory  # torch's default, restored
+    assert all(f.__qualname__.startswith("_deterministic_compiled") for f in st._ew.values())
