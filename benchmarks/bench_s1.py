@@ -102,29 +102,35 @@ def _sigmas(steps: int, shift: float = 8.0) -> tuple[float, ...]:
     return tuple(float(v) for v in s)
 
 
-def _rank_main(rank: int, world: int, port: int, args, q) -> None:
+def join_rank(rank: int, world: int, port: int, device: str, timeout: float):
+    """A benchmark rank's start: a watchdog, its device (one CPU thread, or its GPU with eager kernel loading as
+    the workers have it) and, with world > 1, the process group. Returns (device, Pipe or None)."""
     import faulthandler
+
+    from dualparal_core.comm import init_groups, prefer_eager_module_loading
 
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     # a hung rank prints every thread's stack and exits instead of holding the machine
-    faulthandler.dump_traceback_later(args.timeout, exit=True)
-    from dualparal_core.comm import destroy_groups, init_groups
+    faulthandler.dump_traceback_later(timeout, exit=True)
+    dev = torch.device(f"cuda:{rank}" if device == "cuda" else "cpu")
+    if device == "cuda":
+        if world > 1:
+            prefer_eager_module_loading()
+        torch.cuda.set_device(dev)
+    else:
+        torch.set_num_threads(1)
+    return dev, (init_groups(rank, world, dev, f"tcp://127.0.0.1:{port}") if world > 1 else None)
+
+
+def _rank_main(rank: int, world: int, port: int, args, q) -> None:
+    from dualparal_core.comm import destroy_groups
     from dualparal_core.engine import RankEngine
     from dualparal_core.experts import Experts
     from dualparal_core.protocol import Job
 
     cuda = args.device == "cuda"
-    dev = torch.device(f"cuda:{rank}" if cuda else "cpu")
-    if cuda:
-        if world > 1:
-            from dualparal_core.comm import prefer_eager_module_loading
-
-            prefer_eager_module_loading()
-        torch.cuda.set_device(dev)
-    else:
-        torch.set_num_threads(1)
+    dev, pipe = join_rank(rank, world, port, args.device, args.timeout)
     cfg = WanConfig.tiny() if args.tiny else MODELS[args.model]()
-    pipe = init_groups(rank, world, dev, f"tcp://127.0.0.1:{port}") if world > 1 else None
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     t0 = time.time()
     layers = split_layers(cfg.num_layers, world)[rank]

@@ -6,8 +6,9 @@
 #   bash benchmarks/gpu_tables.sh baseline  # one GPU, full-sequence sampling, 72 latent frames
 #   bash benchmarks/gpu_tables.sh decode    # Block Decode, 257 latent frames at 832x480, 1 and 2 GPUs
 #   bash benchmarks/gpu_tables.sh 14b       # Wan2.1-14B shapes on 2 GPUs, bf16 and fp8 weights
-#   bash benchmarks/gpu_tables.sh a14b      # Wan2.2 A14B shapes (two experts, fp8, cfg_low 1) on 2 GPUs
 #   bash benchmarks/gpu_tables.sh 14b-1gpu  # Wan2.1-14B shapes on 1 GPU
+#   bash benchmarks/gpu_tables.sh fp8       # Wan2.1-14B fp8 and Wan2.2 A14B (two experts, fp8, cfg_low 1), 2 GPUs
+#   bash benchmarks/gpu_tables.sh fit24     # which Wan2.2 A14B settings fit two 24 GB cards (memory cap)
 #   bash benchmarks/gpu_tables.sh parity    # 1 vs 2 GPUs: plain, fused, compiled (the README's open item)
 #
 # 14B steps measure one length and extrapolate from the steady-state block-step ticks (bench_s1.py --extrapolate).
@@ -34,19 +35,32 @@ baseline) step base 300 $S1 --world --baseline --frames 72 --timeout 280 --json 
 decode) step decode 300 "$PY" benchmarks/bench_decode.py --devices 0,1 --json "$OUT/decode.json" ;;
 14b)
     step b14 200 $S1 --model 14b --world 2 --frames 24 --extrapolate 72 257 --timeout 190 --json "$OUT/b14.json"
-    step f14 200 $S1 --model 14b --weights fp8 --world 2 --frames 24 --extrapolate 72 257 --timeout 190 \
+    step f14 230 $S1 --model 14b --weights fp8 --world 2 --frames 24 --extrapolate 72 257 --timeout 220 \
         --json "$OUT/f14.json" ;;
-a14b)
-    step a14 200 $S1 --model 14b --experts 2 --weights fp8 --cfg-low 1 --world 2 --frames 24 --extrapolate 72 \
-        --timeout 190 --json "$OUT/a14.json" ;;
+fp8)
+    step f14 230 $S1 --model 14b --weights fp8 --world 2 --frames 24 --extrapolate 72 257 --timeout 220 \
+        --json "$OUT/f14.json"
+    step a14 250 $S1 --model 14b --experts 2 --weights fp8 --cfg-low 1 --world 2 --frames 24 --extrapolate 72 \
+        --timeout 240 --json "$OUT/a14.json" ;;
+fit24) step fit24 560 "$PY" benchmarks/fit_24gb.py --timeout 240 --json "$OUT/fit24.json" ;;
 14b-1gpu) step n1_14 330 $S1 --model 14b --world 1 --frames 24 --extrapolate 72 257 --timeout 320 \
     --json "$OUT/n1_14.json" ;;
-parity)
-    B="$PY benchmarks/bench_s1.py --frames 8 --steps 2 --verify --timeout 110"
-    step p_plain 120 $B --world 1 2 --save-verify "$OUT/parity/plain"
-    step p_fused 120 $B --world 1 2 --fuse --save-verify "$OUT/parity/fused"
-    step p_compiled 120 $B --world 1 2 --compile --save-verify "$OUT/parity/compiled"
-    step p_compiled_1inflight 120 $B --world 1 2 --fuse --compile --in-flight 1 --save-verify "$OUT/parity/c1"
-    step p_compiled_prewarm 120 $B --world 1 --fuse --compile --prewarm on --save-verify "$OUT/parity/c_pw" ;;
-*) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+parity)  # which of fused QKV, compilation, pre-warm and pipelining changes the latents (verify job: 24 frames, 3 steps)
+    B="$PY benchmarks/bench_s1.py --frames 8 --steps 2 --verify --timeout 80"
+    step p_fused 90 $B --world 1 2 --fuse --save-verify "$OUT/parity/fused"
+    step p_compiled 90 $B --world 1 2 --compile --save-verify "$OUT/parity/compiled"
+    step p_fc_a 90 $B --world 1 2 --fuse --compile --save-verify "$OUT/parity/fc_a"
+    step p_fc_b 90 $B --world 1 2 --fuse --compile --save-verify "$OUT/parity/fc_b"
+    step p_fc_prewarm 90 $B --world 1 --fuse --compile --prewarm on --save-verify "$OUT/parity/fc_pw"
+    step p_fc_inflight1 90 $B --world 2 --fuse --compile --in-flight 1 --save-verify "$OUT/parity/fc_if1"
+    "$PY" - "$OUT/parity" <<'PY' | tee "$OUT/parity.txt"
+import itertools, pathlib, sys
+import numpy as np
+runs = {f"{p.parent.name}/{p.stem}": np.load(p) for p in sorted(pathlib.Path(sys.argv[1]).glob("*/*.npy"))}
+for a, b in itertools.combinations(runs, 2):
+    x, y = runs[a], runs[b]
+    print(f"{a} vs {b}: max |diff| {np.abs(x - y).max():.3g}, relative L2 {np.linalg.norm(x - y) / np.linalg.norm(y):.3g}")
+PY
+    ;;
+*) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
