@@ -341,12 +341,12 @@ class WanStage(nn.Module):
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         # Inductor may time several launch configs of a reduction (block size, warps) on the GPU at its first call
         # and keep the fastest; the configs sum in different orders, so the choice moves the last bits of every
-        # norm. On two H200s the choice differed on the second GPU (its kernels are built for another device index,
-        # and a receive kernel spinning beside the timing skews it): 2 GPUs gave other latents than 1, and than
-        # each other (traced to the first rope_qk of rank 1, identical inputs, different outputs). Picking the
-        # config without timing makes it a function of the shapes alone. Inductor's switches for that moved
-        # between versions, so set each one this torch has, and compile under deterministic algorithms, which
-        # every version's reduction-config filter honours (see _deterministic_compiled).
+        # norm. On two H200s the second GPU's rope_qk kept another config than the first GPU's (its timing runs
+        # beside a spinning NCCL receive): 2 GPUs gave other latents than 1, and than each other (traced with
+        # benchmarks/trace_parity.py: identical inputs, different outputs). Picking the config without timing makes
+        # it a function of the shapes alone. Inductor's switches for that moved between versions, so set each one
+        # this torch has, and compile under deterministic algorithms, which the reduction-config filter of torch
+        # 2.11 and 2.13 (the versions read) also honours (see _deterministic_compiled).
         import torch._inductor.config as inductor_config
 
         det = os.environ.get("TORCHINDUCTOR_DETERMINISTIC") != "0"
