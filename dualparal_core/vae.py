@@ -335,20 +335,9 @@ class WanVAEDecoder:
         The concatenation equals ``decode_span(z, start, end, prime)``. ``on_frame()`` runs after every decoded
         latent frame, priming frames included (a worker checks for a cancel there; it may raise).
         """
-        total = self._check(z)
-        if not (0 <= start < end <= total):
-            raise ValueError(f"span [start, end) = [{start}, {end}) must lie within the latent's {total} frames.")
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive number of latent frames; got {block_size!r}.")
-        prime = self.prime_frames if prime is None else prime
-        if prime < 0:
-            raise ValueError(f"prime must be >= 0 latent frames; got {prime}.")
-        first = max(0, start - prime)
-        cache: list = [None] * self._num_convs
-        for i in range(first, start):
-            self._step(z, i, cache, i == first)
-            if on_frame is not None:
-                on_frame()
+        first, cache = self._primed(z, start, end, prime, on_frame)
         for b0 in range(start, end, block_size):
             frames = []
             for i in range(b0, min(end, b0 + block_size)):
@@ -359,6 +348,24 @@ class WanVAEDecoder:
             del frames
             yield block
 
+    def _primed(self, z: torch.Tensor, start: int, end: int, prime: int | None,
+                on_frame: Callable[[], None] | None = None) -> tuple[int, list]:
+        """Check a span [start, end) of ``z`` and run the ``prime`` frames before it (default :attr:`prime_frames`)
+        through a fresh causal cache; returns (the first decoded frame, the cache)."""
+        total = self._check(z)
+        if not (0 <= start < end <= total):
+            raise ValueError(f"span [start, end) = [{start}, {end}) must lie within the latent's {total} frames.")
+        prime = self.prime_frames if prime is None else prime
+        if prime < 0:
+            raise ValueError(f"prime must be >= 0 latent frames; got {prime}.")
+        first = max(0, start - prime)
+        cache: list = [None] * self._num_convs
+        for i in range(first, start):
+            self._step(z, i, cache, i == first)
+            if on_frame is not None:
+                on_frame()
+        return first, cache
+
     @torch.no_grad()
     def decode_span(self, z: torch.Tensor, start: int, end: int, prime: int | None = None) -> torch.Tensor:
         """Decode latent frames [start, end) of ``z`` after priming the cache on the ``prime`` frames before ``start``.
@@ -368,18 +375,7 @@ class WanVAEDecoder:
         at frame ``start - prime``. With ``prime=0`` and ``start > 0`` the span is decoded as an independent video
         (one pixel frame for its first latent frame), which is what a plain per-block decode gives.
         """
-        total = self._check(z)
-        if not (0 <= start < end <= total):
-            raise ValueError(
-                f"span [start, end) = [{start}, {end}) must lie within the latent's {total} frames."
-            )
-        prime = self.prime_frames if prime is None else prime
-        if prime < 0:
-            raise ValueError(f"prime must be >= 0 latent frames; got {prime}.")
-        first = max(0, start - prime)
-        cache: list = [None] * self._num_convs
-        for i in range(first, start):
-            self._step(z, i, cache, i == first)
+        first, cache = self._primed(z, start, end, prime)
         # A span decoded from its own first frame (start 0, or prime 0) gets one pixel frame for that frame.
         count = self.num_pixel_frames(0 if first == start else 1, end - start + (0 if first == start else 1))
         out = None
