@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
-from bench_s1 import _free_port, _sigmas, _stage  # noqa: E402
+from bench_s1 import _free_port, _sigmas, _stage, join_rank  # noqa: E402
 
 from dualparal_core.config import SamplingConfig, WanConfig, split_layers  # noqa: E402
 
@@ -30,20 +30,13 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def rank_main(rank: int, world: int, port: int, out: str, q) -> None:
-    from dualparal_core.comm import destroy_groups, init_groups, prefer_eager_module_loading
+    from dualparal_core.comm import destroy_groups
     from dualparal_core.engine import RankEngine
     from dualparal_core.protocol import Job
 
     cpu = os.environ.get("TRACE_CPU") == "1"
-    dev = torch.device("cpu" if cpu else f"cuda:{rank}")
-    if cpu:
-        torch.set_num_threads(1)
-    else:
-        if world > 1:
-            prefer_eager_module_loading()
-        torch.cuda.set_device(dev)
+    dev, pipe = join_rank(rank, world, port, "cpu" if cpu else "cuda", 300)
     cfg = WanConfig.tiny() if cpu else WanConfig.wan21_1_3b()
-    pipe = init_groups(rank, world, dev, f"tcp://127.0.0.1:{port}") if world > 1 else None
 
     class Opts:  # what bench_s1._stage reads: the GPU defaults
         attention, weights, fuse, compile = "sdpa", "dequant", True, True
