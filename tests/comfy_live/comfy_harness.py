@@ -25,6 +25,13 @@ TESTPACK = Path(__file__).resolve().parent / "testpack"
 COMFY = os.environ.get("COMFYUI_PATH")
 AUTHKEY = "dualparal-e2e-" + uuid.uuid4().hex
 """DUALPARAL_AUTHKEY of the server, shared with the torchrun groups the tests start (devices=tcp://...)."""
+# Comparing our workers with ComfyUI's own KSampler / VAE Decode (foreign code): both run float32 on CPU, but ComfyUI's
+# Wan model attends with its own attention call over differently shaped tensors, batches cond/uncond its own way and
+# decodes a batch in one call, so summation orders differ. Measured: 3e-6 (sampler latents, values ~1) and ~2e-5 (VAE
+# decode, pixels in [0, 1]). 1e-4 is 5x above the worst; each test also shows a real change (a LoRA, another expert)
+# moves the result by > 1e-2, far outside it. Bit-equality is kept where ComfyUI's code runs on both sides (sigmas,
+# prepare_noise: the bridge calls ComfyUI's own functions).
+FOREIGN_TOL = 1e-4
 SKIP_REASON = "COMFYUI_PATH is not set: the comfy_live tests need a ComfyUI checkout (and its venv's python)"
 
 #: File names as ComfyUI's own templates use them; in tests they hold tiny random weights.

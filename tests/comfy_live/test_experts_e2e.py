@@ -10,6 +10,7 @@ import pytest
 import torch
 from comfy_harness import (
     COMFY,
+    FOREIGN_TOL,
     LORA,
     MODEL_HIGH,
     MODEL_LOW,
@@ -112,7 +113,7 @@ def test_two_experts_equal_two_ksampler_advanced_split_at_the_boundary(server):
     h = server.run(g, timeout=300)
     ks, dp, high = _saved(server, h, "14"), _saved(server, h, "10"), _saved(server, h, "23")
     assert dp.shape == ks.shape == (1, 16, 3, 4, 4)
-    torch.testing.assert_close(dp, ks, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dp, ks, rtol=FOREIGN_TOL, atol=FOREIGN_TOL)
     assert (dp - high).abs().max() > 1e-2
 
 
