@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
+    from dualparal_core.client.decode import decode_on_pool
     from dualparal_core.config import ModelSource, PoolSpec, WanConfig
-    from dualparal_core.decode_pool import decode_on_pool
     from dualparal_core.pool import WorkerPool
 
     spec = PoolSpec(ModelSource(random_config=WanConfig.tiny(num_layers=max(3, len(devices)))), devices=devices,

@@ -61,7 +61,7 @@ def _write_video(latents, vae_path: str, out: str, fps: float, block: int, pool=
         if pool is not None and vae_path.endswith(".safetensors"):
             from safetensors.torch import load_file
 
-            from .decode_pool import decode_on_pool
+            from .client.decode import decode_on_pool
 
             sd = decoder_state_dict(load_file(vae_path), source=f"VAE file {vae_path}")
             gpu = pool.spec.devices[0].startswith("cuda")

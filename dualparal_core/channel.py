@@ -8,17 +8,26 @@ a peer whose host vanished is noticed. The channel then carries pickles: the key
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import threading
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 
+from .config import Timeouts
+from .protocol import AttachError
+
 KEY_ENV = "DUALPARAL_AUTHKEY"
-CONNECT_S = 10.0
-"""Bound on the TCP connect and on the authentication handshake (a firewall dropping packets, a foreign service)."""
+CONNECT_S = Timeouts.connect
+"""Default bound on the TCP connect and on the authentication handshake (``Timeouts.connect``)."""
 
 
-class AttachError(ConnectionError):
-    """Attaching failed before any work: nothing listens, wrong key, the group is in use, versions differ."""
+def dumps(msg: dict) -> bytes:
+    """A message for an authenticated connection (only ever unpickled after the peer proved it has the key)."""
+    return pickle.dumps(msg, pickle.HIGHEST_PROTOCOL)
+
+
+def loads(data: bytes) -> dict:
+    return pickle.loads(data)
 
 
 def parse_address(text: str) -> tuple[str, int]:

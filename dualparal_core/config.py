@@ -225,7 +225,7 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Deadlines of the worker group, in seconds."""
+    """Every timing constant of the worker group, in seconds (one place: the parent and the ranks read these)."""
 
     startup: float = 600.0
     """From spawn until every rank has loaded its weights and reported ready."""
@@ -233,6 +233,32 @@ class Timeouts:
     """Longest silence allowed from a busy group (no progress event) before it is declared hung."""
     close_grace: float = 5.0
     """After SIGTERM, how long to wait before SIGKILL."""
+    heartbeat: float = 2.0
+    """Between a busy rank's heartbeats (rank 0 to the parent, the others into the store); env DUALPARAL_HEARTBEAT."""
+    poll: float = 0.05
+    """How often every blocking wait of the parent checks children, messages and its abort/cancel callbacks."""
+    fault_window: float = 1.5
+    """After the first sign of a fault, how long to gather the other ranks' reports before naming a root cause."""
+    keepalive: float = 30.0
+    """While idle, rank 0 broadcasts a no-op at least this often (the control group's collectives time out)."""
+    monitor: float = 0.2
+    """How often rank 0's fault monitor reads the store and its host's rank pids."""
+    connect: float = 10.0
+    """Bound on a TCP connect and on the authentication handshake (a firewall dropping packets, a foreign port)."""
+    control: float = 6 * 3600.0
+    """Timeout of the control group's collectives: the longest a rank may wait for the next op."""
+
+    @classmethod
+    def from_env(cls, env) -> Timeouts:
+        """Defaults, with ``DUALPARAL_HEARTBEAT`` (seconds) applied: what a rank started without a spec uses."""
+        raw = env.get("DUALPARAL_HEARTBEAT", "")
+        try:
+            beat = float(raw) if raw else cls.heartbeat
+        except ValueError:
+            raise ValueError(f"DUALPARAL_HEARTBEAT={raw!r} is not a number of seconds (e.g. 2).") from None
+        if not beat > 0:
+            raise ValueError(f"DUALPARAL_HEARTBEAT={raw!r} must be a positive number of seconds (e.g. 2).")
+        return cls(heartbeat=beat)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """Block Decode, the parts every path shares: span planning, frame conversion, the weights' fingerprint, the
 in-process (one device) decode and the frame sink that assembles blocks and streams them to a video file.
 
-The parallel path (the worker group's GPUs) is :mod:`dualparal_core.decode_pool` (parent side) and
-:mod:`dualparal_core.decode_worker` (rank side). ComfyUI is never imported here.
+The parallel path (the worker group's GPUs) is :mod:`dualparal_core.client.decode` (parent side) and
+:mod:`dualparal_core.rank.decode` (rank side). ComfyUI is never imported here.
 
 Frames. A decoded block is ``[B, 3, f, H, W]`` in [-1, 1]. :func:`to_image` turns it into ComfyUI's IMAGE layout
 ``[B, f, H, W, 3]``, float32 in [0, 1], with exactly the arithmetic of core *VAE Decode* (``VAE.process_output``,

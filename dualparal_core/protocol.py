@@ -1,12 +1,20 @@
-"""What crosses the process boundary: the sampling job and the control messages, plain data and tensors only.
+"""What crosses the process boundary: every op, every message shape, every error type, and the sampling job.
 
-Messages are dicts ``{"op": str, ...}`` whose values are numbers, strings, lists, tensors or the frozen dataclasses
-of :mod:`dualparal_core.config` / this module. Both sides import ``dualparal_core`` as a top-level package, so a
-pickled instance unpickles under the same module name in the worker (see docs/ARCHITECTURE.md).
+Three channels exist (docs/ARCHITECTURE.md draws them):
+
+* **parent <-> rank 0**, authenticated (:mod:`dualparal_core.channel`), pickles of dicts ``{"op": str, ...}``
+  whose values are numbers, strings, lists, tensors or the frozen dataclasses of :mod:`dualparal_core.config` /
+  this module (both sides import ``dualparal_core`` as a top-level package, so they unpickle under the same name);
+* **rank 0 -> the other ranks**, the gloo control group (``broadcast_object_list``): the parent's ops relayed;
+* **rank r -> parent, bulk**: Block Decode's frames, each rank on its own authenticated connection to the address
+  the parent put in ``OP_DECODE`` (so a decode's frames do not queue behind rank 0);
+* **the rendezvous store** (TCPStore, unauthenticated): only plain JSON that :func:`read_store` validates (error
+  reports, heartbeats, rank 0's listening port), never pickles: anyone who reaches the store may write to it.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -14,22 +22,98 @@ import torch
 
 from .config import SamplingConfig, WanConfig
 
-# control-channel operations (parent -> worker)
-OP_JOB = "job"
-OP_CANCEL = "cancel"
-OP_CLOSE = "close"
+# parent -> rank 0
+OP_SPEC = "spec"  # the attach hello: {"model": PoolSpec | None, "version", "client"}; answered by READY or ERROR
+OP_JOB = "job"  # {"job": id, "payload": Job}
+OP_DECODE = "decode"  # Block Decode, one span per rank (dualparal_core/client/decode.py documents the fields)
+OP_CANCEL = "cancel"  # {"job": id}; also sent on a rank's decode connection
+OP_CLOSE = "close"  # detach (a --exit-on-detach group, i.e. a local pool, then exits)
 OP_PING = "ping"
-OP_SPEC = "spec"
-OP_DECODE = "decode"  # Block Decode of one span on one rank (dualparal_core/decode_pool.py documents the fields)
-# worker -> parent
-OP_FRAMES = "frames"  # one decoded block of an OP_DECODE: {"job", "video", "frame", "frames": [n, H, W, 3]}
-OP_READY = "ready"
-OP_PROGRESS = "progress"
-OP_RESULT = "result"
-OP_ERROR = "error"
+# rank 0 -> the other ranks (control group)
+OP_LOAD = "load"  # {"model": PoolSpec | None}
+OP_NOOP = "noop"  # keeps the control group's collectives inside their timeout while idle
+OP_EXIT = "exit"  # the group ends (a local pool's parent detached)
+# rank 0 (rank r on a decode connection) -> parent
+OP_READY = "ready"  # {"info": [one dict per rank]}
+OP_STATUS = "status"  # heartbeat / phase text: {"phase", "step", "computing_for", "peers", "text"}
+OP_PROGRESS = "progress"  # {"job", "done", "total", "preview"}
+OP_FRAMES = "frames"  # one decoded block: {"job", "video", "frame", "frames": [n, H, W, 3]}
+OP_RESULT = "result"  # {"job", "latents", "info"} (sampling) or a rank's decode counters
 OP_CANCELLED = "cancelled"
+OP_ERROR = "error"  # a failure report: {"rank", "device", "host", "phase", "type", "message", "traceback"}
 OP_PONG = "pong"
-OP_STATUS = "status"
+
+
+# ---------------------------------------------------------------------------------------------- error types
+class WorkerError(RuntimeError):
+    """A rank failed: ``rank`` (None: the group as a whole), ``device``, ``phase`` and ``cause`` (with the rank's
+    traceback when it sent one); ``exc_type`` is the rank's exception type name, when there was one."""
+
+    def __init__(self, rank: int | None, device: str | None, phase: str, cause: str, exc_type: str | None = None):
+        self.rank, self.device, self.phase, self.cause, self.exc_type = rank, device, phase, cause, exc_type
+        who = f"rank {rank} ({device})" if rank is not None else "worker group"
+        when = "while idle" if phase == "idle" else f"during {phase}"
+        super().__init__(f"DualParal {who} failed {when}: {cause}")
+
+
+class PoolCancelled(Exception):
+    """The caller cancelled: a job (the pool stays usable) or a start (nothing is left running)."""
+
+
+class AttachError(ConnectionError):
+    """Attaching failed before any work: nothing listens, wrong key, the group is in use, versions differ."""
+
+
+class DecodeError(RuntimeError):
+    """A rank's decode raised (bad weights, a latent that does not fit); the pool stays usable."""
+
+    def __init__(self, rank: int, device: str, exc_type: str, message: str):
+        self.rank, self.device, self.exc_type = rank, device, exc_type
+        super().__init__(f"Block Decode failed on rank {rank} ({device}): {exc_type}: {message}")
+
+
+def error_from_report(msg: dict, default_phase: str = "sample") -> WorkerError:
+    """A rank's ``OP_ERROR`` report -> WorkerError (the rank, its device and host, phase, traceback)."""
+    where = f"{msg.get('device', '?')} on {msg['host']}" if msg.get("host") else msg.get("device")
+    cause = f"{msg['type']}: {msg.get('message', '')}" if msg.get("type") else msg.get("message", "")
+    if msg.get("traceback"):
+        cause += f"\n{msg['traceback']}"
+    return WorkerError(msg.get("rank"), where, msg.get("phase") or default_phase, cause, msg.get("type"))
+
+
+# ---------------------------------------------------------------------------------------------- the store
+_STORE_SCHEMA: dict[str, dict[str, tuple]] = {
+    "report": {"rank": (int,), "device": (str, type(None)), "host": (str, type(None)), "phase": (str, type(None)),
+               "type": (str, type(None)), "message": (str,), "traceback": (str,), "time": (int, float)},
+    "beat": {"n": (int,), "phase": (str,), "step": (int,), "computing_for": (int, float, type(None))},
+    "port": {"port": (int,)},
+}
+
+
+def write_store(kind: str, value: dict) -> bytes:
+    """A store value of ``kind`` as JSON bytes (checked against the schema first: we write only what we read)."""
+    data = json.dumps({"kind": kind, **value}).encode()
+    if read_store(kind, data) is None:
+        raise ValueError(f"not a valid {kind} for the rendezvous store: {value!r}")
+    return data
+
+
+def read_store(kind: str, raw: bytes) -> dict | None:
+    """Parse a store value written by :func:`write_store`; None for anything else (the store is unauthenticated:
+    a value that is not exactly our schema is ignored, and never evaluated or unpickled)."""
+    try:
+        value = json.loads(bytes(raw)[:65536].decode())
+    except (ValueError, UnicodeDecodeError, TypeError):
+        return None
+    schema = _STORE_SCHEMA[kind]
+    if not isinstance(value, dict) or value.get("kind") != kind or set(value) != {"kind", *schema}:
+        return None
+    for key, types in schema.items():
+        v = value[key]
+        if not isinstance(v, types) or isinstance(v, bool) or (isinstance(v, str) and len(v) > 20000):
+            return None
+    value.pop("kind")
+    return value
 
 
 @dataclass

@@ -21,7 +21,6 @@ from dualparal_core.decode import (
     decode_local,
     num_pixel_frames,
 )
-from dualparal_core.pool import WorkerPool
 from dualparal_core.vae import WanVAEDecoder, decoder_state_dict
 
 from . import bridge
@@ -132,10 +131,6 @@ class DualParalBlockDecode(io.ComfyNode):
             if model is not None and pool is None:
                 logger.info("Block Decode: the DualParal workers are not running (keep_alive off or unloaded); "
                             "decoding on ComfyUI's device instead of starting them")
-            elif pool is not None and not isinstance(pool, WorkerPool):
-                logger.info("Block Decode: an attached torchrun group does not decode yet; decoding on ComfyUI's "
-                            "device")
-                pool = None
             if pool is not None:
                 cls._on_pool(model, pool, z, weights, dtype, block_size, sink, node_id)
             else:
@@ -155,11 +150,11 @@ class DualParalBlockDecode(io.ComfyNode):
 
     @classmethod
     def _on_pool(cls, model, pool, z, weights, dtype, block_size, sink, node_id) -> None:
+        from dualparal_core.client.decode import decode_on_pool, decoder_geometry
         from dualparal_core.decode import plan_spans
-        from dualparal_core.decode_pool import decode_on_pool, decoder_geometry
 
         prime = decoder_geometry(weights)[0]
-        spans = plan_spans(z.shape[2], pool.spec.world_size, prime, _min_speedup())
+        spans = plan_spans(z.shape[2], len(pool.ready_info), prime, _min_speedup())
         total = count_blocks(spans, block_size, z.shape[0])
         bridge.pool_decode(model, decode_on_pool, pool, z, weights, sink, dtype=dtype, block_size=block_size,
                            on_progress=bridge.progress_bar(total, node_id), should_cancel=bridge.interrupted,

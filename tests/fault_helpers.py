@@ -24,6 +24,15 @@ from dualparal_core.protocol import Job  # noqa: E402
 
 SEED = 11
 SIGMAS = (1.0, 0.75, 0.4, 0.0)
+SUPPORT = str(Path(__file__).resolve().parent / "support")
+RANK_MARKS = ("dualparal_core.worker", "faulty_rank")
+"""What a rank's command line holds: the product's entry point, or the fault-injecting wrapper of tests/support."""
+
+
+def fault_env(fault: str = "", **env) -> dict[str, str]:
+    """Environment for a local pool whose ranks inject ``fault`` (tests/support/faulty_rank.py; inert when empty)."""
+    path = os.pathsep.join([SUPPORT, *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)])
+    return {"DUALPARAL_FAULT": fault, "DUALPARAL_RANK_MODULE": "faulty_rank", "PYTHONPATH": path, **env}
 
 
 def tiny_spec(world: int = 2, seed: int = SEED, **kw) -> PoolSpec:
@@ -67,7 +76,8 @@ def worker_procs(parent: psutil.Process | None = None) -> list[psutil.Process]:
     out = []
     for p in (parent or psutil.Process()).children(recursive=True):
         try:
-            if "dualparal_core.worker" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
+            cmd = " ".join(p.cmdline())
+            if any(m in cmd for m in RANK_MARKS) and p.status() != psutil.STATUS_ZOMBIE:
                 out.append(p)
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             pass
@@ -97,7 +107,7 @@ def _play_parent(mode: str) -> None:
     from dualparal_core.config import Timeouts
     from dualparal_core.pool import WorkerPool
 
-    env = {"DUALPARAL_FAULT": {"start": "kind=never_ready", "job": "kind=slow,delay=0.05"}.get(mode, "")}
+    env = fault_env({"start": "kind=never_ready", "job": "kind=slow,delay=0.05"}.get(mode, ""))
     pool = WorkerPool.start(tiny_spec(2), Timeouts(startup=300), env=env)
     print("READY", *pool.pids, flush=True)
     if mode == "job":

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from fault_helpers import SEED, full_stage, reference, tiny_job, wait_gone
+from fault_helpers import RANK_MARKS, SEED, SUPPORT, full_stage, reference, tiny_job, wait_gone
 
 from dualparal_core import protocol as proto
 from dualparal_core.attach import AttachError, AttachSpec
@@ -26,7 +26,7 @@ from dualparal_core.pool import PoolCancelled, WorkerError, WorkerPool
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "dualparal-test-" + secrets.token_hex(8)
 TINY = PoolSpec(ModelSource(random_config=WanConfig.tiny(), random_seed=SEED), devices=("cpu",), dtype="fp32")
-MARKS = ("dualparal_core.worker", "torch.distributed.run")
+MARKS = (*RANK_MARKS, "torch.distributed.run")
 
 
 def _ours() -> set[int]:
@@ -52,10 +52,11 @@ class Group:
     def __init__(self, log: Path, nproc: int = 2, fault: str = "", extra: tuple[str, ...] = ()):
         self.port = _free_port()
         self.address, self.log = f"tcp://127.0.0.1:{self.port}", log
-        env = {**os.environ, "DUALPARAL_AUTHKEY": KEY, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-               "DUALPARAL_HEARTBEAT": "0.5", "DUALPARAL_FAULT": fault}
+        env = {**os.environ, "DUALPARAL_AUTHKEY": KEY, "PYTHONPATH": os.pathsep.join([str(ROOT), SUPPORT]),
+               "OMP_NUM_THREADS": "1", "DUALPARAL_HEARTBEAT": "0.5", "DUALPARAL_FAULT": fault}
+        module = "faulty_rank" if fault else "dualparal_core.worker"  # tests/support: fault hooks, then the product
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-               "-m", "dualparal_core.worker", "--serve", f"127.0.0.1:{self.port}", "--random-tiny", str(SEED),
+               "-m", module, "--serve", f"127.0.0.1:{self.port}", "--random-tiny", str(SEED),
                "--dtype", "fp32", *extra]
         with open(log, "wb") as fh:
             self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=fh,
@@ -226,12 +227,12 @@ def test_a_wrong_key_and_a_second_client_are_refused_with_clear_messages(group):
 @pytest.mark.dist
 def test_a_parent_that_vanishes_mid_job_leaves_the_group_serving(group):
     p = group.attach(TINY)
-    p._send({"op": proto.OP_JOB, "job": 1, "payload": tiny_job(steps=500)})
+    p.session.send({"op": proto.OP_JOB, "job": 1, "payload": tiny_job(steps=500)})
     end = time.monotonic() + 30
-    while (m := p._recv(0.1)) is None or m["op"] != proto.OP_PROGRESS:
+    while (m := p.session.recv(0.1)) is None or m["op"] != proto.OP_PROGRESS:
         assert time.monotonic() < end
     p._finalizer.detach()
-    p._conn.close()  # as a SIGKILLed ComfyUI: no goodbye
+    p.session.conn.close()  # as a SIGKILLed ComfyUI: no goodbye
     t0 = time.monotonic()
     q = group.attach(TINY, timeout=30)
     try:
@@ -296,7 +297,7 @@ def test_an_exception_on_another_rank_reaches_the_parent_with_its_traceback(tmp_
             p.generate(tiny_job())
         text = str(e.value)
         assert e.value.rank == 1 and e.value.phase == "sample" and e.value.exc_type == "ValueError", text
-        for part in ("rank 1", "ValueError: boom-42", "Traceback", "worker.py"):
+        for part in ("rank 1", "ValueError: boom-42", "Traceback", "rank/program.py"):
             assert part in text, text
         g.proc.wait(30)
         assert wait_gone(g.tree(), 10) == []

@@ -10,9 +10,10 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
-from fault_helpers import tiny_job, tiny_spec, worker_procs
+from fault_helpers import fault_env, tiny_job, tiny_spec, worker_procs
 from test_vae import _heap_probe, _peak_above_start, make_vae, to_original_layout
 
+from dualparal_core.client.decode import DecodeError, decode_on_pool, decoder_geometry
 from dualparal_core.decode import (
     FrameSink,
     VideoWriter,
@@ -24,7 +25,6 @@ from dualparal_core.decode import (
     to_image,
     to_uint8,
 )
-from dualparal_core.decode_pool import DecodeError, decode_on_pool, decoder_geometry
 from dualparal_core.pool import PoolCancelled, WorkerError, WorkerPool
 from dualparal_core.vae import WanVAEDecoder
 
@@ -220,9 +220,8 @@ def test_cancel_stops_the_ranks_and_keeps_the_pool(pool, small):
 
 def test_decode_errors_keep_the_pool_and_a_dead_rank_closes_it(small):
     dec, sd = small
-    p = WorkerPool.start(tiny_spec(2), env={
-        "DUALPARAL_FAULT": "rank=1,phase=decode,kind=raise,step=2;rank=1,phase=decode,kind=oom,step=3;"
-                           "rank=1,phase=decode,kind=kill,step=4"})
+    p = WorkerPool.start(tiny_spec(2), env=fault_env(
+        "rank=1,phase=decode,kind=raise,step=2;rank=1,phase=decode,kind=oom,step=3;rank=1,phase=decode,kind=kill,step=4"))
     try:
         z = latent(1, 8, seed=9)
         with pytest.raises(DecodeError, match=r"rank 1 \(cpu\).*boom-42"):
@@ -249,7 +248,7 @@ def test_bad_input_is_refused_before_any_rank(pool, small):
     with pytest.raises(ValueError, match="spans"):
         run(pool, latent(1, 3), sd, spans=[(0, 1), (2, 3)])
     assert decoder_geometry(sd) == (38, 4, 16)
-    with pytest.raises(NotImplementedError, match="WorkerPool"):
+    with pytest.raises(TypeError, match="WorkerPool"):
         run(object(), latent(1, 3), sd)
 
 
@@ -271,7 +270,7 @@ def test_the_frame_sender_keeps_block_order_and_reports_a_lost_parent():
     import threading
     import time as _time
 
-    from dualparal_core.decode_worker import _Sender
+    from dualparal_core.rank.decode import _Sender
 
     class FakeWorker:
         def __init__(self, fail_at=None):

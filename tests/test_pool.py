@@ -13,16 +13,20 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
 import torch
-from fault_helpers import alive, reference, tiny_job, tiny_spec, wait_gone, worker_procs
+from fault_helpers import SUPPORT, alive, fault_env, reference, tiny_job, tiny_spec, wait_gone, worker_procs
 
 from dualparal_core import pool as pool_mod
 from dualparal_core.config import ModelSource, PoolSpec, Timeouts, WanConfig
 from dualparal_core.pool import PoolCancelled, WorkerError, WorkerPool
-from dualparal_core.worker import Fault, Worker, parse_faults
+from dualparal_core.rank.lead import Lead
+
+sys.path.insert(0, SUPPORT)
+from faulty_rank import Fault, parse_faults  # noqa: E402
 
 HELPER = str(Path(__file__).with_name("fault_helpers.py"))
 SLOW = "kind=slow,delay=0.03"
@@ -39,7 +43,7 @@ def _no_leftover_workers():
 
 
 def _start(world: int = 2, fault: str = "", timeouts: Timeouts = Timeouts(), **env) -> WorkerPool:  # noqa: B008
-    return WorkerPool.start(tiny_spec(world), timeouts, env={"DUALPARAL_FAULT": fault, **env})
+    return WorkerPool.start(tiny_spec(world), timeouts, env=fault_env(fault, **env))
 
 
 @pytest.fixture(scope="module")
@@ -81,14 +85,15 @@ def test_a_cancel_after_the_final_block_step_lets_the_job_finish():
         def recv_bytes(self):
             return self.msgs.pop(0)
 
-    w = Worker({"DUALPARAL_RANK": "0", "DUALPARAL_WORLD": "2"})
-    w.conn, w.job_id, w.total, w._cancel = Conn({"op": "cancel", "job": 6}, {"op": "cancel", "job": 7}), 7, 10, False
+    w = Lead(SimpleNamespace(timeouts=Timeouts()))
+    w.conn = Conn({"op": "cancel", "job": 6}, {"op": "cancel", "job": 7})
+    w.begin(7, 10)
     w.done = 10
-    assert w._cancelled() is False and w._cancel  # seen, but the job is complete
+    assert w.cancelled() is False and w.cancel  # seen, but the job is complete
     w.done = 9
-    assert w._cancelled() is True
-    w.conn, w._cancel = Conn({"op": "cancel", "job": 6}), False
-    assert w._cancelled() is False  # another job's cancel is ignored
+    assert w.cancelled() is True
+    w.conn, w.cancel = Conn({"op": "cancel", "job": 6}), False
+    assert w.cancelled() is False  # another job's cancel is ignored
 
 
 def test_bad_input_is_refused_before_any_spawn(monkeypatch):
@@ -122,14 +127,14 @@ def test_ready_info_and_clean_worker_interpreter(pool):
 
 @pytest.mark.dist
 def test_job_that_does_not_fit_is_refused_before_any_work(pool):
-    before = pool._job_id
+    before = pool.session.job_id
     with pytest.raises(ValueError, match="16"):
         pool.generate(tiny_job(channels=12))
     bad = tiny_job()
     bad.cond = torch.zeros(1, 5, 32)
     with pytest.raises(ValueError, match="64"):
         pool.generate(bad)
-    assert pool._job_id == before and pool.alive
+    assert pool.session.job_id == before and pool.alive
 
 
 @pytest.mark.dist
@@ -219,7 +224,7 @@ def test_an_exception_keeps_rank_phase_message_and_traceback():
         p.close()
     text = str(e.value)
     assert e.value.rank == 1 and e.value.phase == "sample" and e.value.exc_type == "ValueError"
-    for part in ("rank 1", "sample", "ValueError: boom-42", "Traceback", "worker.py"):
+    for part in ("rank 1", "sample", "ValueError: boom-42", "Traceback", "rank/program.py"):
         assert part in text
     assert wait_gone(p.pids, 5) == []
 
@@ -297,7 +302,7 @@ def test_an_interrupt_during_startup_aborts_it_and_leaves_nothing(monkeypatch, t
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     said, t0 = [], time.monotonic()
     with pytest.raises(PoolCancelled):
-        WorkerPool.start(tiny_spec(2), env={"DUALPARAL_FAULT": "kind=never_ready"}, on_status=said.append,
+        WorkerPool.start(tiny_spec(2), env=fault_env("kind=never_ready"), on_status=said.append,
                          should_abort=lambda: time.monotonic() - t0 > 1.0)
     assert time.monotonic() - t0 < 1.0 + 2 * pool_mod.POLL_S + 6  # + teardown: SIGTERM reaches them at once
     assert said and said[0].startswith("starting 2 DualParal worker")
@@ -317,7 +322,7 @@ def test_a_failed_start_reports_the_workers_own_message(kind, expect):
 @pytest.mark.dist
 def test_close_escalates_to_sigkill_when_sigterm_is_ignored():
     p = _start(1, "kind=ignore_term", Timeouts(close_grace=1.0))
-    proc = p._group.procs[0]
+    proc = p._launch.procs[0]
     t0 = time.monotonic()
     p.close()
     assert time.monotonic() - t0 < 1.0 + 2

@@ -1,0 +1,121 @@
+"""Holes found under attack (the reliability issue's holes 1 and 2), each with a test that failed on the code before
+the one rank program: the rendezvous store is unauthenticated, so nothing read from it may be unpickled, and a local
+pool must listen on loopback only."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pickle
+import signal
+import time
+
+import psutil
+import pytest
+import torch.distributed as dist
+from fault_helpers import fault_env, tiny_job, tiny_spec, wait_gone, worker_procs
+
+from dualparal_core import protocol as proto
+from dualparal_core.pool import WorkerError, WorkerPool
+
+pytestmark = pytest.mark.dist
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_workers():
+    before = {p.pid for p in worker_procs()}
+    yield
+    left = [p for p in worker_procs() if p.pid not in before]
+    for p in left:
+        p.kill()
+    assert not left, f"worker processes outlived the test: {left}"
+
+
+class _Evil:
+    """Unpickling this creates ``path``: proof that a value read from the store was executed."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _listening(pid: int) -> list[str]:
+    return [c.laddr.ip for c in psutil.Process(pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+
+
+def test_a_local_pool_listens_on_loopback_only():
+    """The store (in this process), rank 0's control port and the ranks' gloo sockets: 127.0.0.1 / ::1 only."""
+    p = WorkerPool.start(tiny_spec(2))
+    try:
+        ips = [ip for pid in [os.getpid(), *p.pids] for ip in _listening(pid)]
+        assert ips, "a pool listens somewhere: its rendezvous store and rank 0's control port"
+        bad = [ip for ip in ips if ip not in ("127.0.0.1", "::1")]
+        assert not bad, f"a local pool listens beyond loopback: {bad}"
+    finally:
+        p.close()
+
+
+def _store_of(pool: WorkerPool) -> dist.TCPStore:
+    """A client of the group's rendezvous store, as anyone who reaches its port can make one."""
+    pid = pool.ready_info[0]["pid"]
+    port = int(psutil.Process(pid).environ()["MASTER_PORT"])
+    return dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=10))
+
+
+@pytest.mark.parametrize("how", ["local", "torchrun"])
+def test_store_values_are_never_unpickled_and_the_monitor_survives_junk(tmp_path, how):
+    marker = tmp_path / "pwned"
+    group = None
+    if how == "local":
+        p = WorkerPool.start(tiny_spec(2), env=fault_env("kind=slow,delay=0.03", DUALPARAL_HEARTBEAT="0.3"))
+    else:
+        from test_attach import TINY, Group
+
+        group = Group(tmp_path / "torchrun.log", fault="kind=slow,delay=0.03")
+        p = group.attach(TINY)
+    try:
+        store = _store_of(p)
+        junk = [pickle.dumps(_Evil(str(marker))), b"\x80\x04junk", json.dumps({"kind": "report", "rank": "1"}).encode(),
+                json.dumps([1, 2, 3]).encode(), b"\xff" * 70000]
+        for i, value in enumerate(junk):
+            for key in ("dualparal/0/error/1", "dualparal/0//error/1"):  # today's key and the old double slash
+                store.set(key, value)
+            for key in ("dualparal/0/errors", "dualparal/0//errors"):
+                store.add(key, 1)
+            store.set("dualparal/0/hb/1", value if i else b"{}")  # a heartbeat that is not one
+            time.sleep(0.5)  # several monitor rounds (0.2 s) read it
+        assert not marker.exists(), "a pickle written into the rendezvous store ran code on rank 0"
+        assert p.alive, "junk in the store took the group down"
+        # the monitor still names a real fault: kill rank 1 mid-job
+        pids, killed = [i["pid"] for i in p.ready_info], []
+
+        def progress(done, total, preview):
+            if done == 3 and not killed:
+                os.kill(pids[1], signal.SIGKILL)
+                killed.append(time.monotonic())
+
+        with pytest.raises(WorkerError) as e:
+            p.generate(tiny_job(steps=60), on_progress=progress)
+        assert time.monotonic() - killed[0] < 10 and e.value.rank == 1, str(e.value)
+        assert wait_gone(pids, 30) == []
+    finally:
+        p.close()
+        if group is not None:
+            group.stop()
+
+
+def test_store_values_round_trip_and_reject_what_is_not_ours():
+    report = {"rank": 1, "device": "cuda:1", "host": "h", "phase": "sample", "type": "ValueError",
+              "message": "boom", "traceback": "Traceback ...", "time": 1.5}
+    assert proto.read_store("report", proto.write_store("report", report)) == report
+    beat = {"n": 3, "phase": "sample", "step": 7, "computing_for": None}
+    assert proto.read_store("beat", proto.write_store("beat", beat)) == beat
+    for raw in (pickle.dumps(report), b"", b"null", json.dumps({**report, "kind": "report", "extra": 1}).encode(),
+                json.dumps({**report, "kind": "report", "rank": True}).encode(),
+                json.dumps({**report, "kind": "beat"}).encode()):
+        assert proto.read_store("report", raw) is None, raw
+    with pytest.raises(ValueError, match="not a valid report"):
+        proto.write_store("report", {"rank": "one"})
