@@ -11,7 +11,7 @@ from dataclasses import replace
 import torch
 
 from . import logger
-from .config import ModelSource, PoolSpec, WanConfig, split_layers
+from .config import ModelSource, PoolSpec, WanConfig, check_visible, parse_devices, split_layers
 
 #: PoolSpec.dtype -> torch dtype.
 TORCH_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -94,19 +94,10 @@ def check_spec(spec: PoolSpec, env: dict[str, str]) -> tuple[PoolSpec, WanConfig
     split_layers(config.num_layers, spec.world_size)
     if spec.compile is None:
         _env_compile(env)  # a bad value is refused here, before any worker starts
-    gpus = [d for d in spec.devices if d.startswith("cuda")]
-    if gpus:
-        if any(not d.startswith("cuda:") or not d[5:].isdigit() for d in gpus):
-            raise ValueError(f"devices={list(spec.devices)}: name each GPU by index, e.g. 'cuda:0', 'cuda:1'.")
-        visible = _count_cuda(env)
-        missing = [d for d in gpus if int(d[5:]) >= visible]
-        if missing:
-            cvd = env.get("CUDA_VISIBLE_DEVICES")
-            raise ValueError(
-                f"devices={list(spec.devices)} asks for {', '.join(missing)}, but the workers see {visible} CUDA "
-                f"device(s) (CUDA_VISIBLE_DEVICES={'unset' if cvd is None else repr(cvd)}). Use devices among "
-                + (f"cuda:0..cuda:{visible - 1}" if visible else "'cpu'")
-                + ", or make more GPUs visible (ComfyUI's --cuda-device sets CUDA_VISIBLE_DEVICES).")
+    devices = parse_devices(spec.devices, attach=False)  # again: an unpickled spec skipped __post_init__
+    if devices[0].startswith("cuda"):
+        check_visible(devices, _count_cuda(env), shown=repr(list(spec.devices)), seen_by="the workers see",
+                      cuda_visible=env.get("CUDA_VISIBLE_DEVICES"))
         check_nccl(spec.devices)  # after visibility: "no such GPU" is the more useful message on a CPU-only box
     return spec, config
 
