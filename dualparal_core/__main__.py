@@ -131,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="tiny random Wan model built on the fly (no downloads)")
     gen = sub.add_parser("generate", help="a real Wan2.1/2.2 T2V .safetensors model")
     for p in (demo, gen):
-        p.add_argument("--devices", default="auto",
-                       help="'auto', GPU indices '0,1' (or 'cuda:0,cuda:1'), 'cpu' or 'cpu:N' (N CPU ranks)")
+        p.add_argument("--devices", default="auto", help="'auto', GPUs '0,1' or 'cuda:0,cuda:1', 'cpu:N'")
         p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
         p.add_argument("--attention", default="sdpa")
         p.add_argument("--sampler", default="uni_pc", choices=["euler", "uni_pc", "uni_pc_bh2", "dpmpp_2m"])

@@ -20,6 +20,8 @@ DTYPES: tuple[str, ...] = ("bf16", "fp16", "fp32")
 WEIGHT_MODES: tuple[str, ...] = ("dequant", "fp8")
 #: Which expert of a Wan2.2 A14B pair a LoRA is merged into.
 LORA_EXPERTS: tuple[str, ...] = ("both", "high", "low")
+#: Attention backends a user may pick ("sdpa": PyTorch chooses; the others force one SDPA kernel).
+ATTENTION_BACKENDS: tuple[str, ...] = ("sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math")
 
 
 @dataclass(frozen=True)
@@ -296,16 +298,12 @@ _DEVICE_RE = re.compile(r"(?:cuda:)?(\d+)|cpu(?::(\d+))?")
 
 def parse_devices(text: str | tuple[str, ...], gpu_count: int | None = None, *, name: str = "devices",
                   attach: bool = True) -> tuple[str, ...]:
-    """The one ``devices`` grammar -> one torch device per rank ("cuda:N" or "cpu"), or ``("tcp://HOST:PORT",)``
-    for a torchrun-started group to attach to.
+    """The one ``devices`` grammar -> one torch device per rank ("cuda:N" or "cpu"), or ``("tcp://HOST:PORT",)``.
 
-    Forms (case and spaces do not matter): ``auto`` (every GPU the caller sees, or AUTO_CPU_RANKS CPU ranks
-    without one); a comma list of GPU indices ``0,1,3`` or ``cuda:0,cuda:1`` (numbered as the caller's process
-    sees them); ``cpu`` (one CPU rank) or ``cpu:N`` (N CPU ranks; ``cpu,cpu`` is two); ``tcp://HOST:PORT``.
-    A tuple is read as its comma-joined items. ``gpu_count``: GPUs the caller sees, for ``auto`` (None: ``auto``
-    is refused); :func:`check_visible` then refuses GPUs it does not see. ``name``: how errors name the input.
-    ``attach``: whether ``tcp://`` is accepted (a caller that starts its own ranks cannot attach).
-    """
+    Forms (any case and spacing; a tuple reads as its comma-joined items): ``auto`` (the caller's ``gpu_count``
+    GPUs, or AUTO_CPU_RANKS CPU ranks; refused when ``gpu_count`` is None); GPU indices ``0,1,3`` or
+    ``cuda:0,cuda:1``; ``cpu`` or ``cpu:N`` (N CPU ranks); ``tcp://HOST:PORT`` (refused unless ``attach``).
+    :func:`check_visible` then refuses GPUs the caller does not see. ``name``: how errors name the input."""
     raw = text if isinstance(text, str) else ",".join(map(str, text))
     shown = repr(text) if isinstance(text, str) else repr(list(text))
     s = raw.strip().lower().replace(" ", "")
@@ -372,12 +370,11 @@ class PoolSpec:
     source: ModelSource
     """Where the weights come from."""
     devices: tuple[str, ...] = ("cpu", "cpu")
-    """One torch device per rank, ("cuda:0", "cuda:1") or ("cpu", "cpu"): any form of :func:`parse_devices` but
-    'auto' and an address, held as it returns them."""
+    """One device per rank, ("cuda:0", "cuda:1") or ("cpu", "cpu"); any parse_devices form but auto/tcp."""
     dtype: str = "bf16"
     """Compute dtype, one of DTYPES."""
     attention: str = "sdpa"
-    """Attention backend (see dualparal_core.model.ATTENTION_BACKENDS)."""
+    """Attention backend, one of ATTENTION_BACKENDS."""
     max_in_flight: int | None = None
     """Block-steps rank 0 keeps in flight (default: the number of ranks + 1)."""
     compile: bool | None = None
