@@ -300,3 +300,20 @@ def test_pure_node_modules_import_without_comfyui():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_loading_the_pack_imports_no_diffusers_and_no_model_code():
+    """What ComfyUI does at start-up (import the pack, then its extension and so every node module), in a fresh
+    interpreter with stand-ins for ComfyUI's modules: diffusers (seconds to import), the model, the VAE and the
+    tensor-reading checkpoint code stay unloaded until a node runs; the Loader's checks read headers only."""
+    code = (f"import importlib, importlib.util, sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); "
+            f"import torch, comfy_stand_in; comfy_stand_in.install(); "
+            f"s = importlib.util.spec_from_file_location('p', {str(ROOT / '__init__.py')!r}, "
+            f"submodule_search_locations=[{str(ROOT)!r}]); m = importlib.util.module_from_spec(s); "
+            f"sys.modules['p'] = m; s.loader.exec_module(m); ext = importlib.import_module('p.nodes.extension'); "
+            f"print(len(ext.NODES), sorted(k for k in sys.modules if k.split('.')[0] == 'diffusers' or k in "
+            f"('dualparal_core.model', 'dualparal_core.vae', 'dualparal_core.checkpoint', 'dualparal_core.lora', "
+            f"'dualparal_core.engine', 'safetensors')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "4 []"
