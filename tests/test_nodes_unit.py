@@ -158,6 +158,23 @@ def test_missing_gpus():
     assert T.missing_gpus(("cpu", "cpu"), 0) == []
 
 
+
+def test_check_spec_applies_the_grammar_before_any_spawn(monkeypatch):
+    """check_spec parses the spec's devices again (an unpickled spec skipped PoolSpec's check) and refuses GPUs the
+    workers would not see, in the grammar's words."""
+    from dualparal_core import runtime
+
+    src = ModelSource(random_config=WanConfig.tiny())
+    spec = PoolSpec(src, devices=("cpu",))
+    object.__setattr__(spec, "devices", ("cuda:0", "cpu"))  # as a spec that bypassed __post_init__
+    with pytest.raises(ValueError, match=r"devices=\['cuda:0', 'cpu'\] mixes GPUs and CPU ranks"):
+        runtime.check_spec(spec, {})
+    monkeypatch.setattr(runtime, "_count_cuda", lambda env: 1)
+    with pytest.raises(ValueError) as e:
+        runtime.check_spec(PoolSpec(src, devices="0,1"), {"CUDA_VISIBLE_DEVICES": "3"})
+    assert str(e.value).startswith("devices=['cuda:0', 'cuda:1'] names cuda:1, but the workers see 1 CUDA device")
+    assert "CUDA_VISIBLE_DEVICES='3'" in str(e.value)
+
 # ------------------------------------------------------------------------------------------------ conditioning
 def _cond(width=4096, n=1, **extra):
     t = torch.randn(1, 7, width)
