@@ -41,16 +41,12 @@ def item_flops(cfg: WanConfig, layout: BlockLayout, steps: int, tokens_per_frame
                experts: list[int] | None = None, b_low: int | None = None) -> list[float]:
     """FLOPs of each block-step in schedule order; ``experts``: the expert of each step (two experts: no right
     context between block-steps of different experts, and the low-noise expert's batch is ``b_low``)."""
-    experts = experts or [0] * steps
     out = []
-    for it in Schedule(layout, steps).items:
+    for it in Schedule(layout, steps, experts).items:  # the items say which right-context frames each reads
         s0, e0 = layout.input_span(it.block)
         lq = (e0 - s0) * tokens_per_frame
-        lk = lq
-        same = it.step == 0 or experts[it.step - 1] == experts[it.step]
-        if it.right_ctx and layout.num_cat and same:  # keys of the next-newer block's first frames
-            lk = lq + layout.right_context_frames(it.block + 1) * tokens_per_frame
-        out.append(block_step_flops(cfg, lq, lk, b if experts[it.step] == 0 or b_low is None else b_low))
+        lk = lq + it.right * tokens_per_frame  # keys of the next-newer block's first frames
+        out.append(block_step_flops(cfg, lq, lk, b if it.expert == 0 or b_low is None else b_low))
     return out
 
 

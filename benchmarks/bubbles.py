@@ -25,7 +25,7 @@ from dualparal_core.schedule import Schedule  # noqa: E402
 def item_flops(cfg: WanConfig, layout: BlockLayout, item, tpf: int, b: int = 2) -> float:
     s0, e0 = layout.input_span(item.block)
     lq = (e0 - s0) * tpf
-    lk = lq + (layout.right_context_frames(item.block + 1) * tpf if item.right_ctx and layout.num_cat else 0)
+    lk = lq + item.right * tpf  # the schedule item says which right-context frames it reads
     d, f = cfg.dim, cfg.ffn_dim
     return b * (lq * (12 * d * d + 4 * d * f) + 4 * lq * lk * d + 4 * lq * 512 * d)  # per layer
 

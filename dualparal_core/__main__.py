@@ -8,27 +8,27 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 
 def _devices(arg: str) -> tuple[str, ...]:
-    """'auto' (all visible GPUs, else 2 CPU ranks), 'cpu:N', or GPU indices '0,1'."""
-    if arg.startswith("cpu:"):
-        n = int(arg[4:])
-        if n < 1:
-            raise SystemExit(f"--devices {arg}: give at least one CPU rank, e.g. cpu:2")
-        return ("cpu",) * n
-    if arg == "auto":
-        import torch
+    """``--devices`` in the grammar of :func:`~dualparal_core.config.parse_devices` (no ``tcp://``: the CLI
+    starts its own ranks), checked against the GPUs this process sees."""
+    import torch
 
-        n = torch.cuda.device_count()
-        return tuple(f"cuda:{i}" for i in range(n)) if n else ("cpu", "cpu")
+    from .config import check_visible, parse_devices
+
+    gpus = torch.cuda.device_count()
     try:
-        return tuple(f"cuda:{int(i)}" for i in arg.split(","))
-    except ValueError:
-        raise SystemExit(f"--devices {arg!r}: use 'auto', 'cpu:N' or GPU indices like '0,1'") from None
+        devices = parse_devices(arg, gpus, name="--devices", attach=False)
+        check_visible(devices, gpus, shown=repr(arg), name="--devices",
+                      cuda_visible=os.environ.get("CUDA_VISIBLE_DEVICES"))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    return devices
 
 
 class _Bar:
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="tiny random Wan model built on the fly (no downloads)")
     gen = sub.add_parser("generate", help="a real Wan2.1/2.2 T2V .safetensors model")
     for p in (demo, gen):
-        p.add_argument("--devices", default="auto", help="'auto', 'cpu:N' or GPU indices '0,1'")
+        p.add_argument("--devices", default="auto", help="'auto', GPUs '0,1' or 'cuda:0,cuda:1', 'cpu:N'")
         p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
         p.add_argument("--attention", default="sdpa")
         p.add_argument("--sampler", default="uni_pc", choices=["euler", "uni_pc", "uni_pc_bh2", "dpmpp_2m"])

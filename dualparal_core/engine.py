@@ -7,7 +7,8 @@ lets each keep the right-context K/V of the previous item locally (it never leav
 
 Two experts (Wan2.2 A14B, :mod:`~dualparal_core.experts`): each item runs the expert of its step's sigma, with that
 expert's guidance scale, so the batch (2 with CFG, 1 without) may change from one item to the next; every rank
-derives both from the schedule. The right-context cache only passes between items of the same expert: the one
+derives both from the schedule. The right-context cache only passes between items of the same expert (each
+:class:`~dualparal_core.schedule.Item` says how many frames it reads and keeps): the one
 block-step of each block that is the first on the low-noise expert (its newer neighbour is still on the high-noise
 one) runs without right context — no keys of one expert ever meet the other's queries.
 """
@@ -59,9 +60,9 @@ class RankEngine:
         sc = job.sampling
         self.job, self.sc = job, sc
         self.layout = sc.layout(job.shape[2])
-        self.schedule = Schedule(self.layout, sc.steps)
         # per step: its expert; per expert: guidance scale, batch (2 with CFG) and text K/V (once per job)
         self.expert = [self.model.expert(s) for s in sc.sigmas[:-1]]
+        self.schedule = Schedule(self.layout, sc.steps, self.expert)  # each item's expert, right and keep frames
         self.cfg = [sc.guidance(e) for e in range(len(self.model))]
         self.batch = [2 if c != 1.0 else 1 for c in self.cfg]
         self.text = {}
@@ -85,13 +86,6 @@ class RankEngine:
             self._tcache[step] = self.model.stages[e].time_embed(t)
         return self._tcache[step]
 
-    def _uses_right(self, item: Item) -> bool:
-        """Whether an item attends to the cache its next-newer neighbour (the previous item) left: only when both
-        ran the same expert (the neighbour is one step less far along, so they differ once per block: at the
-        block's first low-noise step, while its neighbour takes its last high-noise one)."""
-        return (item.right_ctx and self.sc.num_cat > 0
-                and self.expert[item.step - 1] == self.expert[item.step])
-
     def _window(self, item: Item) -> tuple[int, int, int]:
         """(input frames, left-context frames, own frames) of an item's window."""
         s0, e0 = self.layout.input_span(item.block)
@@ -100,23 +94,23 @@ class RankEngine:
 
     def _layers(self, item: Item, h: torch.Tensor) -> torch.Tensor:
         """This rank's layers for one item, reading and leaving the right-context cache."""
-        frames, ctx, _ = self._window(item)
+        frames, _, _ = self._window(item)
         right, self._right = self._right, None  # released as its layers consume it (or at once if unused)
-        if not self._uses_right(item):
-            right = None
-        nxt = item.index + 1
-        keep = None
-        if nxt < len(self.schedule) and self._uses_right(self.schedule.items[nxt]):
-            keep = (ctx * self.hw, self.layout.right_context_frames(item.block) * self.hw)
-        e = self.expert[item.step]
+        e = item.expert
         h, self._right = self.model.blocks_forward(h, self._temb(item.step)[0], self.text[e],
-                                                   (frames, *self.grid_hw), right=right, keep=keep, expert=e)
+                                                   (frames, *self.grid_hw), right=right if item.right else None,
+                                                   keep=self._keep(item), expert=e)
         return h
+
+    def _keep(self, item: Item) -> tuple[int, int] | None:
+        """(start, length) token range of the item's window whose K/V the next item reads, or None."""
+        _, ctx, _ = self._window(item)
+        return (ctx * self.hw, item.keep * self.hw) if item.keep else None
 
     def _head(self, item: Item, h: torch.Tensor) -> torch.Tensor:
         """Velocity [1, C, own, H, W] float32 of the item's own frames, CFG applied."""
         _, ctx, own = self._window(item)
-        e = self.expert[item.step]
+        e = item.expert
         v = self.model.stages[e].head(h[:, ctx * self.hw:], self._temb(item.step)[1], (own, *self.grid_hw))
         if self.batch[e] == 2:
             v = v[1:2] + self.cfg[e] * (v[0:1] - v[1:2])
@@ -125,14 +119,8 @@ class RankEngine:
     def _signatures(self, item: Item) -> tuple[tuple, tuple]:
         """What sets the shapes of an item's kernels on this rank: (layers, head)."""
         frames, ctx, own = self._window(item)
-        e = self.expert[item.step]
-        right = self.layout.right_context_frames(self.schedule.items[item.index - 1].block) \
-            if self._uses_right(item) else 0
-        nxt = item.index + 1
-        keep = (ctx * self.hw, self.layout.right_context_frames(item.block) * self.hw) \
-            if nxt < len(self.schedule) and self._uses_right(self.schedule.items[nxt]) else None
-        base = (e, self.batch[e], self.grid_hw, frames)
-        return ("layers", *base, right, keep), ("head", *base, ctx, own)
+        base = (item.expert, self.batch[item.expert], self.grid_hw, frames)
+        return ("layers", *base, item.right, self._keep(item)), ("head", *base, ctx, own)
 
     @torch.no_grad()
     def _prewarm(self) -> None:
@@ -264,7 +252,7 @@ class RankEngine:
 
     def _issue(self, item: Item, x: torch.Tensor):
         s0, e0 = self.layout.input_span(item.block)
-        e = self.expert[item.step]
+        e = item.expert
         h = self.model.stages[e].embed(x[:, :, s0:e0])
         if self.batch[e] == 2:
             h = h.expand(2, -1, -1).contiguous()
@@ -295,7 +283,7 @@ class RankEngine:
                 raise RuntimeError(f"rank {self.rank} expected block-step {item.index}, got {idx}: "
                                    f"the ranks disagree on the schedule.")
             frames, _, _ = self._window(item)
-            h = self.pipe.recv_prev((self.batch[self.expert[item.step]], frames * self.hw, c.dim), self.model.dtype)
+            h = self.pipe.recv_prev((self.batch[item.expert], frames * self.hw, c.dim), self.model.dtype)
             h = self._layers(item, h)
             if self.pipe.is_last:
                 self.pipe.send_first(self._head(item, h).contiguous())

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .files import fp8_target
+
 FP8_DTYPES: tuple[torch.dtype, ...] = (torch.float8_e4m3fn, torch.float8_e5m2)
 #: Largest finite float8_e4m3fn value (the scale maps a tensor's amax onto it).
 E4M3_MAX = 448.0
@@ -25,11 +27,6 @@ SCALE = "scale_weight"
 
 def is_fp8(t: torch.Tensor) -> bool:
     return t.dtype in FP8_DTYPES
-
-
-def fp8_target(name: str, shape) -> bool:
-    """Whether a diffusers-named tensor is kept in fp8 in ``weights="fp8"`` mode: the blocks' Linear weights."""
-    return name.startswith("blocks.") and name.endswith(".weight") and len(shape) == 2
 
 
 def scale_key(weight_key: str) -> str:

@@ -40,13 +40,11 @@ def weight_bytes(config: WanConfig, layers: range, *, embed: bool, head: bool, d
                  fp8: bool = False) -> int:
     """Bytes of one expert's slice as a stage holds it (keep-in-fp32 modules in fp32, fp8 targets in fp8 +
     a float32 scale when ``fp8``)."""
-    from .checkpoint import _wanted, expected_shapes
-    from .fp8 import fp8_target
-    from .model import WanStage
+    from .files import expected_shapes, fp8_target, in_stage, keeps_fp32
 
     total = 0
     for name, shape in expected_shapes(config).items():
-        if not _wanted(name, layers, embed, head):
+        if not in_stage(name, layers, embed, head):
             continue
         n = 1
         for s in shape:
@@ -54,7 +52,7 @@ def weight_bytes(config: WanConfig, layers: range, *, embed: bool, head: bool, d
         if fp8 and fp8_target(name, shape):
             total += n + 4
         else:
-            total += n * (4 if WanStage._keeps_fp32(name) else DTYPE_BYTES[dtype])
+            total += n * (4 if keeps_fp32(name) else DTYPE_BYTES[dtype])
     return total
 
 

@@ -16,10 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import WanConfig
-
-#: Attention backends :func:`attention` understands.
-ATTENTION_BACKENDS: tuple[str, ...] = ("sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math")
+from .config import ATTENTION_BACKENDS, WanConfig
+from .files import keeps_fp32
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
@@ -164,16 +162,9 @@ class WanStage(nn.Module):
         return self._rope_cache[key]
 
     # ------------------------------------------------------------------ weights
-    #: As diffusers' ``_keep_in_fp32_modules``: these modules keep float32 weights in every compute dtype.
-    FP32_MODULES = frozenset({"time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"})
-
-    @classmethod
-    def _keeps_fp32(cls, name: str) -> bool:
-        return any(part in cls.FP32_MODULES for part in name.split("."))
-
     def _cast_params(self) -> None:
-        for name, p in self.named_parameters():
-            want = torch.float32 if self._keeps_fp32(name) else self.dtype
+        for name, p in self.named_parameters():  # the loader's rule: files.KEEP_FP32
+            want = torch.float32 if keeps_fp32(name) else self.dtype
             if p.dtype != want:
                 p.data = p.data.to(want)
 

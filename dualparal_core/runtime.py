@@ -1,4 +1,7 @@
-"""A PoolSpec on either side of the process boundary: checked before any spawn, built into one rank's stage after."""
+"""A PoolSpec on either side of the process boundary: checked before any spawn, built into one rank's stage after.
+
+The checks read file headers only (:mod:`dualparal_core.files`); the stage builder imports the model code lazily.
+"""
 
 from __future__ import annotations
 
@@ -11,43 +14,17 @@ from dataclasses import replace
 import torch
 
 from . import logger
-from .config import ModelSource, PoolSpec, WanConfig, split_layers
+from .config import ModelSource, PoolSpec, WanConfig, check_visible, parse_devices, split_layers
+from .files import check_source, inspect_checkpoint, inspect_lora
 
 #: PoolSpec.dtype -> torch dtype.
 TORCH_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def check_source(source: ModelSource) -> tuple[ModelSource, WanConfig]:
-    """The source with absolute paths and its model shape; refuses a missing file, and an expert pair whose two
-    models differ in shape (a sentence naming both files)."""
-    if source.path is None:
-        return source, source.random_config
-    from .checkpoint import inspect_checkpoint
-
-    paths, configs = [], []
-    for p in (source.path, source.low_noise_path):
-        if p is None:
-            continue
-        path = os.path.abspath(os.path.expanduser(os.fspath(p)))
-        if not os.path.isfile(path):
-            raise ValueError(f"Checkpoint '{path}' does not exist; check the model path.")
-        paths.append(path)
-        configs.append(inspect_checkpoint(path).config)
-    if len(configs) == 2 and configs[0] != configs[1]:
-        a, b = configs
-        raise ValueError(
-            f"The two experts differ in shape: high-noise '{paths[0]}' is {a.dim} wide with {a.num_layers} layers "
-            f"(ffn {a.ffn_dim}), low-noise '{paths[1]}' is {b.dim} wide with {b.num_layers} layers (ffn "
-            f"{b.ffn_dim}). Both must be models of one Wan2.2 A14B pair (or any two models of the same shape).")
-    return replace(source, path=paths[0], low_noise_path=paths[1] if len(paths) == 2 else None), configs[0]
 
 
 def model_config(source: ModelSource) -> WanConfig:
     """The model shape of a source: the random config, or what the checkpoint's header says."""
     if source.random_config is not None:
         return source.random_config
-    from .checkpoint import inspect_checkpoint
-
     return inspect_checkpoint(source.path).config
 
 
@@ -94,19 +71,10 @@ def check_spec(spec: PoolSpec, env: dict[str, str]) -> tuple[PoolSpec, WanConfig
     split_layers(config.num_layers, spec.world_size)
     if spec.compile is None:
         _env_compile(env)  # a bad value is refused here, before any worker starts
-    gpus = [d for d in spec.devices if d.startswith("cuda")]
-    if gpus:
-        if any(not d.startswith("cuda:") or not d[5:].isdigit() for d in gpus):
-            raise ValueError(f"devices={list(spec.devices)}: name each GPU by index, e.g. 'cuda:0', 'cuda:1'.")
-        visible = _count_cuda(env)
-        missing = [d for d in gpus if int(d[5:]) >= visible]
-        if missing:
-            cvd = env.get("CUDA_VISIBLE_DEVICES")
-            raise ValueError(
-                f"devices={list(spec.devices)} asks for {', '.join(missing)}, but the workers see {visible} CUDA "
-                f"device(s) (CUDA_VISIBLE_DEVICES={'unset' if cvd is None else repr(cvd)}). Use devices among "
-                + (f"cuda:0..cuda:{visible - 1}" if visible else "'cpu'")
-                + ", or make more GPUs visible (ComfyUI's --cuda-device sets CUDA_VISIBLE_DEVICES).")
+    devices = parse_devices(spec.devices, attach=False)  # again: an unpickled spec skipped __post_init__
+    if devices[0].startswith("cuda"):
+        check_visible(devices, _count_cuda(env), shown=repr(list(spec.devices)), seen_by="the workers see",
+                      cuda_visible=env.get("CUDA_VISIBLE_DEVICES"))
         check_nccl(spec.devices)  # after visibility: "no such GPU" is the more useful message on a CPU-only box
     return spec, config
 
@@ -214,7 +182,5 @@ def _env_compile(env) -> bool | None:
 
 def _lora_weight_keys(loras, sd) -> list[str]:
     """The weights of ``sd`` that the LoRA files change."""
-    from .lora import inspect_lora
-
     mods = {m for entry in loras for m in inspect_lora(os.fspath(entry[0])).targets}
     return [k for m in mods for k in (m + ".weight", m) if k in sd]

@@ -21,7 +21,6 @@ from dualparal_core.decode import (
     decode_local,
     num_pixel_frames,
 )
-from dualparal_core.vae import WanVAEDecoder, decoder_state_dict
 
 from . import bridge
 from .bridge import ModelSocket, io
@@ -44,6 +43,9 @@ def _latent(samples) -> torch.Tensor:
 
 
 def _weights(vae) -> dict:
+    # imported here, not when ComfyUI loads the pack: dualparal_core.vae imports diffusers (seconds)
+    from dualparal_core.vae import decoder_state_dict
+
     model = getattr(vae, "first_stage_model", None)
     if model is None or not hasattr(model, "state_dict"):
         raise ValueError("vae is not a ComfyUI VAE; connect Load VAE (wan_2.1_vae.safetensors).")
@@ -51,6 +53,19 @@ def _weights(vae) -> dict:
         return decoder_state_dict(model.state_dict(), source="vae")
     except ValueError as e:
         raise ValueError(f"{e} Block Decode needs the Wan2.1 VAE (wan_2.1_vae.safetensors).") from None
+
+
+def _check_output(filename_prefix: str, return_frames: bool, format: str, crf: int) -> str:
+    """The file name prefix, after refusing outputs that cannot be written (before any decoding)."""
+    prefix = filename_prefix.strip()
+    if not prefix and not return_frames:
+        raise ValueError("return_frames is off and filename_prefix is empty: there is nothing to output. Give a "
+                         "filename_prefix (the video file) or turn return_frames on.")
+    if format not in VIDEO_FORMATS:
+        raise ValueError(f"format={format!r} is not one of {list(VIDEO_FORMATS)}.")
+    if crf > MAX_CRF[format]:
+        raise ValueError(f"crf={crf} is out of range for {format} (0..{MAX_CRF[format]}).")
+    return prefix
 
 
 def _min_speedup() -> float:
@@ -107,14 +122,7 @@ class DualParalBlockDecode(io.ComfyNode):
         weights = _weights(vae)
         if model is not None and not isinstance(model, DualParalModel):
             raise ValueError("model is not a DUALPARAL_MODEL; connect a DualParal Loader or leave it empty.")
-        prefix = filename_prefix.strip()
-        if not prefix and not return_frames:
-            raise ValueError("return_frames is off and filename_prefix is empty: there is nothing to output. Give a "
-                             "filename_prefix (the video file) or turn return_frames on.")
-        if format not in VIDEO_FORMATS:
-            raise ValueError(f"format={format!r} is not one of {list(VIDEO_FORMATS)}.")
-        if crf > MAX_CRF[format]:
-            raise ValueError(f"crf={crf} is out of range for {format} (0..{MAX_CRF[format]}).")
+        prefix = _check_output(filename_prefix, return_frames, format, crf)
         b, _, t, h, w = z.shape
         height, width, frames = 8 * h, 8 * w, num_pixel_frames(t)
         dtype = getattr(vae, "vae_dtype", torch.float32)
@@ -134,6 +142,8 @@ class DualParalBlockDecode(io.ComfyNode):
             if pool is not None:
                 cls._on_pool(model, pool, z, weights, dtype, block_size, sink, node_id)
             else:
+                from dualparal_core.vae import WanVAEDecoder
+
                 device = bridge.decode_device(vae)
                 decoder = WanVAEDecoder.from_state_dict(weights, dtype, device, source="vae")
                 del weights

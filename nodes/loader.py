@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from dualparal_core.attach import AttachSpec
-from dualparal_core.checkpoint import inspect_checkpoint
-from dualparal_core.config import DTYPES, WEIGHT_MODES, ModelSource, PoolSpec, split_layers
-from dualparal_core.lora import check_lora
-from dualparal_core.model import ATTENTION_BACKENDS
+from dualparal_core.config import (
+    ATTENTION_BACKENDS,
+    DTYPES,
+    WEIGHT_MODES,
+    ModelSource,
+    PoolSpec,
+    split_layers,
+)
+from dualparal_core.files import check_lora, check_source, inspect_checkpoint
 
 from . import bridge
 from .bridge import LorasSocket, ModelSocket, io
@@ -108,8 +113,6 @@ def _low_noise(high_path: str, name: str | None) -> str | None:
     """The low-noise expert's path, or None; refuses a file of another shape than the high-noise one, naming both."""
     if not name or name == "none":
         return None
-    from dualparal_core.runtime import check_source
-
     low = bridge.full_path("diffusion_models", name)
     try:
         check_source(ModelSource(path=high_path, low_noise_path=low))

@@ -1,21 +1,19 @@
 """ComfyUI values <-> engine values, with the checks that name the input and the fix: the DUALPARAL_MODEL handle,
-the `devices` grammar, CONDITIONING and LATENT. Pure: imports the engine, never ComfyUI (unit-tested without it)."""
+the `devices` input, CONDITIONING and LATENT. Pure: imports the engine, never ComfyUI (unit-tested without it)."""
 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 
 import torch
 
+from dualparal_core import config
 from dualparal_core.config import PoolSpec, WanConfig
 
 #: Socket type names (stable: shared workflows refer to them).
 MODEL_TYPE = "DUALPARAL_MODEL"
 LORAS_TYPE = "DUALPARAL_LORAS"
-#: What `devices="auto"` means when the process sees no GPU.
-AUTO_CPU_RANKS = 2
 
 
 @dataclass(frozen=True)
@@ -47,44 +45,15 @@ class Attach:
 def parse_devices(text: str, gpu_count: int) -> tuple[str, ...] | Attach:
     """The Loader's `devices` string -> one torch device per rank, or an :class:`Attach` request.
 
-    ``auto`` (every GPU this process sees, or ``cpu:2`` without GPUs); ``0,1,3`` or ``cuda:0,cuda:1`` (GPU
-    indices as ComfyUI's process numbers them); ``cpu:N`` (N CPU ranks over gloo); ``tcp://HOST:PORT``.
+    The grammar is :func:`dualparal_core.config.parse_devices` (``auto``, ``0,1,3``, ``cuda:0,cuda:1``, ``cpu:N``,
+    ``tcp://HOST:PORT``); GPUs are numbered as this ComfyUI process sees them (``gpu_count``).
     """
-    raw = str(text).strip()
-    s = raw.lower().replace(" ", "")
-    forms = "use 'auto', a GPU list like '0,1,3', 'cpu:N' (N CPU ranks) or 'tcp://HOST:PORT'"
-    if s in ("", "auto"):
-        if gpu_count > 0:
-            return tuple(f"cuda:{i}" for i in range(gpu_count))
-        return ("cpu",) * AUTO_CPU_RANKS
-    if s.startswith("tcp://"):
-        if not re.fullmatch(r"tcp://[^:/\s]+:\d{1,5}", s):
-            raise ValueError(f"devices={raw!r} is not a valid address; write it as tcp://HOST:PORT (the "
-                             f"MASTER_ADDR:MASTER_PORT of the torchrun-started group).")
-        return Attach(raw.strip())
-    m = re.fullmatch(r"cpu(?::(\d+))?", s)
-    if m:
-        n = int(m.group(1) or 1)
-        if n < 1:
-            raise ValueError(f"devices={raw!r} asks for {n} CPU ranks; use cpu:1 or more.")
-        return ("cpu",) * n
-    parts = [p for p in s.split(",") if p]
-    idx = []
-    for p in parts:
-        m = re.fullmatch(r"(?:cuda:)?(\d+)", p)
-        if not m:
-            raise ValueError(f"devices={raw!r}: {p!r} is not a GPU index; {forms}.")
-        idx.append(int(m.group(1)))
-    if not idx:
-        raise ValueError(f"devices={raw!r} names no device; {forms}.")
-    if len(set(idx)) != len(idx):
-        raise ValueError(f"devices={raw!r} lists a GPU twice; each rank needs its own GPU.")
-    bad = [i for i in idx if i >= gpu_count]
-    if bad:
-        seen = f"GPUs 0..{gpu_count - 1}" if gpu_count else "no GPU"
-        raise ValueError(f"devices={raw!r} names GPU {bad[0]} but this ComfyUI process sees {seen} "
-                         f"(CUDA_VISIBLE_DEVICES / --cuda-device restrict what it sees); {forms}.")
-    return tuple(f"cuda:{i}" for i in idx)
+    devices = config.parse_devices(text, gpu_count)
+    if devices[0].startswith("tcp://"):
+        return Attach(devices[0])
+    config.check_visible(devices, gpu_count, shown=repr(text), seen_by="this ComfyUI process sees",
+                         cuda_visible=os.environ.get("CUDA_VISIBLE_DEVICES"))
+    return devices
 
 
 def missing_gpus(devices: tuple[str, ...], gpu_count: int) -> list[str]:

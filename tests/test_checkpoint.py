@@ -363,3 +363,55 @@ def test_incomplete_and_misshapen_files_are_refused(tmp_path, files):
     ints[p + "blocks.0.ffn.0.weight"] = torch.ones(256, 128, dtype=torch.int8)
     save_file(ints, tmp_path / "int8.safetensors")
     _bad(tmp_path / "int8.safetensors", "I8")
+
+
+# ------------------------------------------------------------------------------------------------ one truth each
+def test_keep_in_fp32_is_diffusers_list_less_its_weightless_rope(cfg):
+    """One list for the loader and the stage: diffusers' own, less "rope", which names a module of non-persistent
+    buffers that no file and no stage parameter has (our RoPE tables are computed in float32 per window)."""
+    from diffusers import WanTransformer3DModel
+
+    from dualparal_core import files
+    from dualparal_core.model import WanStage
+
+    assert set(WanTransformer3DModel._keep_in_fp32_modules) - {"rope"} == set(KEEP_FP32) == set(files.KEEP_FP32)
+    with torch.device("meta"):
+        diff = WanTransformer3DModel(**cfg.diffusers_kwargs())
+    assert any("rope" in n.split(".") for n, _ in diff.named_buffers())  # the module diffusers means
+    assert not any("rope" in k.split(".") for k in diff.state_dict())  # ...holds nothing a file could store
+    stage = WanStage(cfg, range(cfg.num_layers), embed=True, head=True, dtype=torch.bfloat16)
+    assert not any("rope" in n.split(".") for n, _ in stage.named_parameters())
+    for name, p in stage.named_parameters():
+        assert (p.dtype == torch.float32) == files.keeps_fp32(name), name
+
+
+def test_one_fp8_predicate(cfg, sd):
+    """The loader, the fp8 layer swap, the test-file writer and the memory plan ask one function."""
+    from dualparal_core import checkpoint, files, fp8
+
+    assert checkpoint.fp8_target is fp8.fp8_target is files.fp8_target
+    chosen = {k for k, v in sd.items() if files.fp8_target(k, tuple(v.shape))}
+    assert chosen == {k for k, v in sd.items() if k.startswith("blocks.") and k.endswith(".weight") and v.ndim == 2}
+    assert "blocks.0.attn1.to_q.weight" in chosen and "blocks.0.attn1.norm_q.weight" not in chosen
+    assert "patch_embedding.weight" not in chosen and "condition_embedder.time_proj.weight" not in chosen
+
+
+def test_files_reads_headers_without_torch(tmp_path, files):
+    """dualparal_core.files (what ComfyUI's process imports) reads headers only: in a fresh interpreter it
+    inspects a checkpoint, checks a LoRA and a model source, and never imports torch or diffusers."""
+    lora = tmp_path / "lora.safetensors"
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(4, 128),
+               "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(128, 4)}, str(lora))
+    code = textwrap.dedent(f"""
+        import sys
+        from dualparal_core.config import ModelSource
+        from dualparal_core.files import check_lora, check_source, inspect_checkpoint
+        info = inspect_checkpoint({str(files["comfy"])!r})
+        lora = check_lora({str(lora)!r}, info.config)
+        src, config = check_source(ModelSource(path={str(files["fp8_scaled"])!r}))
+        heavy = sorted(m for m in ("torch", "diffusers", "safetensors", "numpy") if m in sys.modules)
+        print(info.layout, info.config.num_layers, sorted(lora.targets), config == info.config, heavy)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["original", "3", "['blocks.0.attn1.to_q']", "True", "[]"]

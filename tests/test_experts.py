@@ -124,10 +124,13 @@ def test_right_context_only_between_block_steps_of_one_expert(pair):
     assert out.isfinite().all()
     from dualparal_core.schedule import Schedule
 
-    items = Schedule(SamplingConfig(sigmas=SIGMAS, num_per_block=2, num_cat=2).layout(9), 6).items
+    layout = SamplingConfig(sigmas=SIGMAS, num_per_block=2, num_cat=2).layout(9)
+    items = Schedule(layout, 6).items
+    aware = Schedule(layout, 6, [HIGH if _is_high(s) else LOW for s in range(6)]).items  # what the engine runs
     assert len(spy.calls) == len(items)
     lost = 0
-    for it, (expert, batch, writer, kept) in zip(items, spy.calls):
+    for it, (expert, batch, writer, kept), ai in zip(items, spy.calls, aware):
+        assert ai.expert == expert and bool(ai.keep) == kept and bool(ai.right) == (writer is not None)
         want = HIGH if SIGMAS[it.step] >= 0.875 else LOW
         nxt = items[it.index + 1] if it.index + 1 < len(items) else None
         # K/V are kept exactly when the next block-step will read them

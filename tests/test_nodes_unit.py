@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,20 +69,111 @@ def test_devices_attach():
 
 
 @pytest.mark.parametrize("text,gpus,needle", [
-    ("0,0", 2, "twice"), ("5", 2, "GPU 5 but this ComfyUI process sees GPUs 0..1"), ("0", 0, "sees no GPU"),
-    ("gpu0", 2, "'gpu0' is not a GPU index"), ("tcp://host", 0, "tcp://HOST:PORT"), ("cpu:0", 0, "cpu:1 or more"),
-    (",", 2, "names no device"),
+    ("0,0", 2, "twice"), ("5", 2, "names cuda:5, but this ComfyUI process sees 2 CUDA device(s)"),
+    ("0", 0, "sees 0 CUDA device(s)"), ("gpu0", 2, "'gpu0' is not a GPU index"), ("tcp://host", 0, "tcp://HOST:PORT"),
+    ("cpu:0", 0, "cpu:1 or more"), (",", 2, "names no device"), ("cuda:1,cuda:1", 2, "twice"),
 ])
 def test_devices_errors_name_the_input(text, gpus, needle):
     with pytest.raises(ValueError, match="devices=") as e:
         T.parse_devices(text, gpus)
     assert needle in str(e.value)
+    assert repr(text) in str(e.value)  # the value as the user wrote it
+
+
+# The grammar itself (dualparal_core.config.parse_devices): every form, each refusal, and its four callers.
+@pytest.mark.parametrize("text,gpus,want", [
+    ("auto", 2, ("cuda:0", "cuda:1")), ("auto", 0, ("cpu", "cpu")), (" ", 1, ("cuda:0",)),
+    ("0,1", None, ("cuda:0", "cuda:1")), ("3,1", 2, ("cuda:3", "cuda:1")),  # visibility is check_visible's
+    ("cuda:0,cuda:1", None, ("cuda:0", "cuda:1")), ("CUDA:1, 0", None, ("cuda:1", "cuda:0")),
+    ("cpu", None, ("cpu",)), ("cpu:3", None, ("cpu",) * 3), ("cpu,cpu", None, ("cpu", "cpu")),
+    (("cpu", "cpu"), None, ("cpu", "cpu")), (("0", "cuda:1"), None, ("cuda:0", "cuda:1")),
+    ("tcp://10.0.0.5:29500", None, ("tcp://10.0.0.5:29500",)), (" tcp://[::1]:29500 ", None, ("tcp://[::1]:29500",)),
+])
+def test_devices_grammar_forms(text, gpus, want):
+    from dualparal_core.config import parse_devices
+
+    assert parse_devices(text, gpus) == want
+
+
+@pytest.mark.parametrize("text,kw,needle", [
+    ("auto", {}, "depends on the GPUs a process sees"), ("", {}, "depends on the GPUs a process sees"),
+    ("0,0", {}, "lists a GPU twice"), ("cuda:0,0", {}, "lists a GPU twice"), ("cpu,0", {}, "mixes GPUs and CPU"),
+    ("gpu0", {}, "'gpu0' is not a GPU index; use 'auto'"), ("cuda", {}, "'cuda' is not a GPU index"),
+    ("cuda:x", {}, "'cuda:x' is not a GPU index"), ("-1", {}, "'-1' is not a GPU index"),
+    (",", {}, "names no device"), ("cpu:0", {}, "use cpu:1 or more"), ("tcp://host", {}, "tcp://HOST:PORT"),
+    ("tcp://h:99999", {}, "tcp://HOST:PORT"), ("tcp://h:1", {"attach": False}, "starts its own ranks"),
+    ("5", {"name": "--devices", "gpu_count": 1}, None),  # parses; check_visible refuses (below)
+])
+def test_devices_grammar_refusals_name_input_value_and_fix(text, kw, needle):
+    from dualparal_core.config import parse_devices
+
+    name = kw.get("name", "devices")
+    if needle is None:
+        assert parse_devices(text, **kw) == ("cuda:5",)
+        return
+    with pytest.raises(ValueError) as e:
+        parse_devices(text, **kw)
+    msg = str(e.value)
+    assert msg.startswith(f"{name}={text!r}") and needle in msg
+
+
+def test_check_visible_names_who_sees_what():
+    from dualparal_core.config import check_visible
+
+    check_visible(("cuda:0", "cuda:1"), 2, shown="'0,1'")
+    check_visible(("cpu", "cpu"), 0, shown="'cpu:2'")
+    with pytest.raises(ValueError) as e:
+        check_visible(("cuda:0", "cuda:3"), 2, shown="'0,3'", name="--devices", seen_by="the workers see",
+                      cuda_visible="2,3")
+    assert str(e.value).startswith("--devices='0,3' names cuda:3, but the workers see 2 CUDA device(s)")
+    assert "CUDA_VISIBLE_DEVICES='2,3'" in str(e.value) and "cuda:0..cuda:1" in str(e.value)
+    with pytest.raises(ValueError, match=r"sees 0 CUDA device\(s\).*'cpu:N'"):
+        check_visible(("cuda:0",), 0, shown="'0'")
+
+
+def test_pool_spec_and_cli_use_the_grammar(monkeypatch):
+    """PoolSpec normalises any named form and refuses the rest with the grammar's sentences; the CLI accepts the
+    `cuda:N` form the Loader documents and exits with the same sentence."""
+    from dualparal_core.__main__ import _devices
+
+    src = ModelSource(random_config=WanConfig.tiny())
+    assert PoolSpec(src, devices=("0", "cuda:1")).devices == ("cuda:0", "cuda:1")
+    assert PoolSpec(src, devices="cpu:2").devices == ("cpu", "cpu")
+    for bad, needle in ((("cuda:0", "cuda:0"), "twice"), (("cpu", "cuda:0"), "mixes"), (("cuda",), "GPU index"),
+                        (("tcp://h:1",), "starts its own ranks"), ((), "is empty")):
+        with pytest.raises(ValueError, match=needle):
+            PoolSpec(src, devices=bad)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert _devices("cuda:0,cuda:1") == _devices("0,1") == _devices("auto") == ("cuda:0", "cuda:1")
+    assert _devices("cpu:3") == ("cpu",) * 3 and _devices("cpu") == ("cpu",)
+    for bad, needle in (("2", "names cuda:2, but this process sees 2 CUDA device(s)"), ("gpu0", "GPU index"),
+                        ("tcp://h:1", "starts its own ranks")):
+        with pytest.raises(SystemExit, match=re.escape(needle)) as e:
+            _devices(bad)
+        assert str(e.value.code).startswith(f"--devices={bad!r}")
 
 
 def test_missing_gpus():
     assert T.missing_gpus(("cuda:0", "cuda:3"), 2) == ["cuda:3"]
     assert T.missing_gpus(("cpu", "cpu"), 0) == []
 
+
+
+def test_check_spec_applies_the_grammar_before_any_spawn(monkeypatch):
+    """check_spec parses the spec's devices again (an unpickled spec skipped PoolSpec's check) and refuses GPUs the
+    workers would not see, in the grammar's words."""
+    from dualparal_core import runtime
+
+    src = ModelSource(random_config=WanConfig.tiny())
+    spec = PoolSpec(src, devices=("cpu",))
+    object.__setattr__(spec, "devices", ("cuda:0", "cpu"))  # as a spec that bypassed __post_init__
+    with pytest.raises(ValueError, match=r"devices=\['cuda:0', 'cpu'\] mixes GPUs and CPU ranks"):
+        runtime.check_spec(spec, {})
+    monkeypatch.setattr(runtime, "_count_cuda", lambda env: 1)
+    with pytest.raises(ValueError) as e:
+        runtime.check_spec(PoolSpec(src, devices="0,1"), {"CUDA_VISIBLE_DEVICES": "3"})
+    assert str(e.value).startswith("devices=['cuda:0', 'cuda:1'] names cuda:1, but the workers see 1 CUDA device")
+    assert "CUDA_VISIBLE_DEVICES='3'" in str(e.value)
 
 # ------------------------------------------------------------------------------------------------ conditioning
 def _cond(width=4096, n=1, **extra):
@@ -225,3 +317,20 @@ def test_pure_node_modules_import_without_comfyui():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_loading_the_pack_imports_no_diffusers_and_no_model_code():
+    """What ComfyUI does at start-up (import the pack, then its extension and so every node module), in a fresh
+    interpreter with stand-ins for ComfyUI's modules: diffusers (seconds to import), the model, the VAE and the
+    tensor-reading checkpoint code stay unloaded until a node runs; the Loader's checks read headers only."""
+    code = (f"import importlib, importlib.util, sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); "
+            f"import torch, comfy_stand_in; comfy_stand_in.install(); "
+            f"s = importlib.util.spec_from_file_location('p', {str(ROOT / '__init__.py')!r}, "
+            f"submodule_search_locations=[{str(ROOT)!r}]); m = importlib.util.module_from_spec(s); "
+            f"sys.modules['p'] = m; s.loader.exec_module(m); ext = importlib.import_module('p.nodes.extension'); "
+            f"print(len(ext.NODES), sorted(k for k in sys.modules if k.split('.')[0] == 'diffusers' or k in "
+            f"('dualparal_core.model', 'dualparal_core.vae', 'dualparal_core.checkpoint', 'dualparal_core.lora', "
+            f"'dualparal_core.engine', 'safetensors')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "4 []"

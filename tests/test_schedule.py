@@ -74,6 +74,42 @@ def test_deps_read_the_states_design_defines():
             assert pos[(it.block - 1, it.tick)] > it.index
 
 
+@pytest.mark.parametrize("T,P,K,S,experts", [
+    (72, 8, 8, 10, None),                          # S1
+    (21, 8, 4, 3, None),                           # short last block: its neighbour reads 1 frame
+    (30, 4, 0, 5, None),                           # no context at all
+    (9, 2, 2, 6, [0, 0, 0, 1, 1, 1]),              # Wan2.2 A14B: high-noise steps, then low-noise ones
+    (23, 4, 3, 7, [0, 0, 1, 1, 1, 1, 1]),
+    (9, 2, 1, 7, [0, 1, 0, 1, 0, 1, 0]),           # alternating: no item ever has right context
+])
+def test_items_carry_right_and_keep_frames(T, P, K, S, experts):
+    """Each item's expert, right-context and kept frames against DESIGN §2 written out by hand: block j at tick t
+    reads the first min(K, |B_{j+1}|) frames of B_{j+1} when B_{j+1} is in flight at t (it then ran just before,
+    one step behind) on the same expert; it keeps its own first min(K, |B_j|) frames when B_{j-1} will read them."""
+    lay = BlockLayout(T, P, K)
+    ex = experts or [0] * S
+    sizes = [e - s for s, e in lay.blocks]
+
+    def in_flight(j, t):
+        return 0 <= j < len(sizes) and 0 <= t - j < S
+
+    sch = Schedule(lay, S, experts)
+    for it in sch.items:
+        t, j, s = it.tick, it.block, it.step
+        right = min(K, sizes[j + 1]) if in_flight(j + 1, t) and ex[s - 1] == ex[s] else 0
+        keep = min(K, sizes[j]) if in_flight(j - 1, t) and ex[s] == ex[s + 1] else 0
+        assert (it.expert, it.right, it.keep) == (ex[s], right, keep), it
+    if experts is None and K:
+        assert sum(it.right > 0 for it in sch.items) == sum(it.right_ctx for it in sch.items)
+    if experts == [0, 1, 0, 1, 0, 1, 0]:
+        assert not any(it.right or it.keep for it in sch.items)
+
+
+def test_experts_must_cover_every_step():
+    with pytest.raises(ValueError, match="experts has 2 entries for 3 steps"):
+        Schedule(BlockLayout(8, 4, 2), 3, [0, 1])
+
+
 def test_single_step_schedule():
     sch = Schedule(BlockLayout(24, 8, 8), 1)
     assert [(i.tick, i.block) for i in sch.items] == [(0, 0), (1, 1)]
