@@ -280,7 +280,8 @@ class GroupRank(LeadRank):
             status = proto.OP_CANCELLED
         self.phase, self.busy = "idle", False  # not on errors: the report names the phase they happened in
         mine = {"rank": self.rank, "host": self.host, "status": status, "seconds": time.perf_counter() - t0,
-                "jobs_run": self.engine.jobs_run, "load_count": self.load_count, "block_steps": self.block_step}
+                "jobs_run": self.engine.jobs_run, "load_count": self.load_count, "block_steps": self.block_step,
+                **self.engine.last_profile}
         everyone = self._gather(mine)
         if not lead:
             return

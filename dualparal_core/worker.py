@@ -284,7 +284,8 @@ class Worker:
             self.send(proto.OP_CANCELLED, job=job_id)
         else:
             self.send(proto.OP_RESULT, job=job_id, latents=out, seconds=time.perf_counter() - t0,
-                      jobs_run=self.engine.jobs_run, load_count=self.load_count, block_steps=self.block_step)
+                      jobs_run=self.engine.jobs_run, load_count=self.load_count, block_steps=self.block_step,
+                      **self.engine.last_profile)
         self.phase, self.busy = "idle", False  # not on errors: the report names the phase they happened in
 
     def _progress(self, done: int, total: int, preview) -> None:
