@@ -19,14 +19,18 @@ synchronised at both ends) of a job run after a warm-up job with the same window
 ``generate()`` is the caller's wall time of that job (its trip to the ranks and the latents' way back included).
 FLOPs follow DESIGN §6 (multiply-add = 2, per block-step, embedding/head/text K/V left out).
 
-S1 at N = 1 on the device machine (one command, repository root; the diffusers row only where its wheels were
-carried in .whl/, see /work/.library/device/README.md; NVLink multicast stays off in every process)::
+S1 at N = 1 on the device machine, one command from the repository root (the diffusers row only where diffusers
+imports, e.g. from wheels carried in .whl/; NVLink multicast stays off in this process and every rank)::
 
-    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1; \\
-    D=; if ls .whl/diffusers-*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-index --no-deps \\
-    --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site \\
-    && D=--diffusers-baseline; fi; python3 benchmarks/bench_s1.py --world 1 --frames 72 --compile --baseline $D \\
-    --timeout 560 --json $OUT/s1_n1.json 2>&1 | tee $OUT/s1_n1.log
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1; \
+    if ls .whl/*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-index --no-deps --no-compile \
+    --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; fi; \
+    D=$(python3 -c 'import diffusers' 2>/dev/null && echo --diffusers-baseline); set -o pipefail; \
+    python3 benchmarks/bench_s1.py --world 1 --frames 72 --compile --baseline $D --timeout 540 \
+    --json $OUT/s1_n1.json 2>&1 | tee $OUT/s1_n1.log
+
+(about 400 s on one H100/H200: pool start, the DualParal row, the one-block row, the diffusers row, each after
+its warm-up; ``bash benchmarks/gpu_tables.sh s1-n1`` runs the same under a time limit with logs in $OUT.)
 """
 
 from __future__ import annotations
