@@ -108,10 +108,18 @@ class Setup:
         a = self.args
         return item_flops(self.cfg, BlockLayout(frames, P, K), a.steps, self.tpf, self.b, self.experts, self.b_low)
 
-    def job(self, frames: int, steps: int, P: int, K: int):
+    def job(self, frames: int, steps: int, P: int, K: int, sigma_table: tuple[float, ...] | None = None):
         a = self.args
         return shipped.make_job(self.cfg, frames, steps, P, K, a.height, a.width, sampler=a.sampler, cfg=a.cfg,
-                                cfg_low=a.cfg_low)
+                                cfg_low=a.cfg_low, sigma_table=sigma_table)
+
+    def warmup(self, frames: int, P: int, K: int):
+        """A short job with every kernel shape of the real one: its window shapes, and the first and last sigmas
+        of the real table, so that with two experts both run, the low-noise one also with right context."""
+        s = shipped.sigmas(self.args.steps)
+        tail = 3 if self.args.experts == 2 else 2
+        table = s[:1] + s[-tail:] if len(s) > tail else s
+        return self.job(shipped.warmup_frames(frames, P, K), len(table) - 1, P, K, sigma_table=table)
 
     def pool(self, world: int):
         a = self.args
@@ -133,8 +141,7 @@ class Setup:
     def measure(self, pool, name: str, world: int, frames: int, P: int, K: int) -> dict:
         """One row: a warm-up job with every window shape of the real one, then the real one, on ``pool``."""
         a = self.args
-        res = shipped.timed(pool, self.job(frames, a.steps, P, K), self.job(shipped.warmup_frames(frames, P, K),
-                                                                              2, P, K))
+        res = shipped.timed(pool, self.job(frames, a.steps, P, K), self.warmup(frames, P, K))
         per_item = self.item_flops(frames, P, K)
         row = dict(res, name=name, world=world, frames=frames, flops=sum(per_item),
                    tick_rate=steady_rate(res["ticks"], per_item) if BlockLayout(frames, P, K).num_blocks > 1 else None,
