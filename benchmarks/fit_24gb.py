@@ -4,10 +4,12 @@
     python benchmarks/fit_24gb.py --settings 832x480:K4:3.5/1 1280x720:K0:1/1
     python benchmarks/fit_24gb.py --device cpu --tiny   # CPU smoke run of the same code path (no cap on CPU)
 
-Every rank builds its slice of both experts (random weights, 14B shapes, the blocks' Linear weights in fp8 as the
-Loader's `weights = fp8` keeps them), then caps its CUDA allocator with
-``torch.cuda.set_per_process_memory_fraction`` to ``--gib`` minus ``--reserve`` (what a real card loses to the
-CUDA context and NCCL, which live outside the allocator; the run prints what they took here). Each setting then
+The ranks are the product's (benchmarks/shipped.py: WorkerPool.start, runtime.build_stage, pool.generate). Every
+rank builds its slice of both experts (random weights, 14B shapes, the blocks' Linear weights in fp8 as the
+Loader's `weights = fp8` keeps them), then its engine caps its CUDA allocator (``DUALPARAL_MEMORY_CAP_GIB``, read
+by RankEngine: ``torch.cuda.set_per_process_memory_fraction``) to ``--gib`` minus ``--reserve`` (what a real card
+loses to the CUDA context and NCCL, which live outside the allocator; the run prints what they took here). Jobs
+follow each other on a pool as a user's do (no cache emptied in between). Each setting then
 runs one short job whose three blocks and two expert passes contain every window shape of a long video (left
 and right context, batch 2 with CFG and batch 1 without), so its peak is the peak of a video of any length.
 
@@ -21,21 +23,17 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import queue
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import shipped  # noqa: E402
 import torch  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-from bench_s1 import _free_port, _stage, join_rank  # noqa: E402
 
-from dualparal_core.config import SamplingConfig, WanConfig, split_layers  # noqa: E402
+from dualparal_core.config import WanConfig, split_layers  # noqa: E402
 
 # the sigmas of the probe job: two steps above the boundary (high-noise expert), one below (low-noise expert)
 PROBE_SIGMAS = (1.0, 0.93, 0.5, 0.0)
@@ -87,116 +85,64 @@ def planned_gib(cfg: WanConfig, world: int, s: Setting, P: int, fp8: bool) -> fl
                for r, layers in enumerate(split_layers(cfg.num_layers, world)))
 
 
-def _rank_main(rank: int, world: int, port: int, args, settings: list[str], q) -> None:
-    from dualparal_core.comm import destroy_groups
-    from dualparal_core.engine import RankEngine
-    from dualparal_core.experts import Experts
-    from dualparal_core.protocol import Job
+def _settings_job(cfg: WanConfig, s: Setting, P: int):
+    c, c_low = GUIDANCE[s.guidance]
+    return shipped.make_job(cfg, 3 * P, len(PROBE_SIGMAS) - 1, P, s.K, s.height, s.width, cfg=c, cfg_low=c_low,
+                            sigma_table=PROBE_SIGMAS)
 
-    cuda = args.device == "cuda"
-    dev, pipe = join_rank(rank, world, port, args.device, args.timeout)
+
+def _group(world: int, args, settings: list[Setting]) -> tuple[list[dict], dict[str, list[dict]], dict | None]:
+    """Run settings in order on one pool until all are done or one runs out of memory.
+
+    Returns the ranks' ready entries, {setting: the ranks' profiles} and the out-of-memory (setting, rank, error)
+    or None. A ``--fake-oom`` setting (CPU tests of the restart path) gets a pool of its own, started with
+    DUALPARAL_FAULT so that its last rank raises torch.OutOfMemoryError at its first block-step: the group stops
+    before it, and the next group starts with it.
+    """
+    fake = set(args.fake_oom or [])
     cfg = WanConfig.tiny() if args.tiny else WanConfig.wan21_14b()
-    layers = split_layers(cfg.num_layers, world)[rank]
-    args.attention, args.fuse, args.compile = "sdpa", False, False
-    st = Experts([_stage(cfg, layers, rank, world, torch.bfloat16, dev, args, seed) for seed in (0, 1)],
-                 PROBE_SIGMAS[1] - 0.01)  # boundary between the probe's 2nd and 3rd sigma
-    eng = RankEngine(st, pipe)
-    cap = None
-    if cuda:
-        weights = torch.cuda.memory_allocated(dev) / 2**30
-        torch.cuda.synchronize(dev)
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(dev)
-        outside = (total - free - torch.cuda.memory_reserved(dev)) / 2**30  # context, NCCL, cuBLAS workspaces
-        cap = (args.gib - args.reserve) * 2**30
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), dev)
-        q.put(dict(kind="ready", rank=rank, weights_gib=weights, outside_gib=outside))
-    else:
-        q.put(dict(kind="ready", rank=rank, weights_gib=0.0, outside_gib=0.0))
-    g = torch.Generator().manual_seed(0)
-    cond = torch.randn(1, 512, cfg.text_dim, generator=g)
-    uncond = torch.randn(1, 512, cfg.text_dim, generator=g)
-    fake_oom = {s for s in (args.fake_oom or [])}
-    for text in settings:
-        s = Setting.parse(text)
-        c, c_low = GUIDANCE[s.guidance]
-        sc = SamplingConfig(sigmas=PROBE_SIGMAS, sampler="uni_pc", cfg=c, cfg_low=c_low, seed=0,
-                            noise_mode="coordinated", num_per_block=args.P, num_cat=s.K)
-        job = Job(sc, (1, 16, 3 * args.P, s.height // 8, s.width // 8), cond, uncond if sc.use_cfg else None)
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(dev)
-        t0 = time.perf_counter()
-        try:
-            if text in fake_oom and rank == world - 1:  # CPU tests of the restart path
-                raise torch.OutOfMemoryError("fake out-of-memory (--fake-oom)")
-            eng.run_job(job)
-            if cuda:
-                torch.cuda.synchronize(dev)
-        except torch.OutOfMemoryError as e:
-            q.put(dict(kind="oom", rank=rank, setting=text, error=str(e).splitlines()[0][:200]))
-            time.sleep(60)  # the parent ends the group
-            os._exit(3)
-        q.put(dict(kind="done", rank=rank, setting=text, seconds=time.perf_counter() - t0,
-                   peak_gib=torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else 0.0,
-                   reserved_gib=torch.cuda.max_memory_reserved(dev) / 2**30 if cuda else 0.0))
-    q.put(dict(kind="end", rank=rank))
-    if world > 1:
-        destroy_groups()
-
-
-def _group(world: int, args, settings: list[str]) -> list[dict]:
-    """Run settings in order on one group until all are done or one runs out of memory; the group's messages."""
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, args, settings, q)) for r in range(world)]
-    for p in procs:
-        p.start()
-    out, ended = [], 0
+    env = {}
+    if args.device == "cuda":
+        env["DUALPARAL_MEMORY_CAP_GIB"] = str(args.gib - args.reserve)
+    if str(settings[0]) in fake:  # the tests' fault-injecting rank (tests/support/faulty_rank.py), CPU tests only
+        env.update(DUALPARAL_FAULT=f"rank={world - 1},kind=oom,step=1", DUALPARAL_RANK_MODULE="faulty_rank",
+                   PYTHONPATH=str(Path(__file__).resolve().parents[1] / "tests" / "support"))
+    # the boundary between the probe's 2nd and 3rd sigma: two high-noise steps, one low-noise step
+    pool = shipped.start_pool(cfg, world, device=args.device, weights=args.weights, experts=2,
+                              boundary=PROBE_SIGMAS[1] - 0.01, timeout=args.timeout, env=env)
+    ready = [dict(rank=i["rank"], weights_gib=i["weight_bytes"] / 2**30, outside_gib=0.0) for i in pool.ready_info]
+    done: dict[str, list[dict]] = {}
     try:
-        while ended < world:
+        for i, s in enumerate(settings):
+            if i and str(s) in fake:
+                break
             try:
-                m = q.get(timeout=args.timeout)
-            except queue.Empty:
-                out.append(dict(kind="timeout"))
-                break
-            out.append(m)
-            print(f"  {m}", flush=True)
-            if m["kind"] == "oom":
-                break
-            ended += m["kind"] == "end"
+                pool.generate(_settings_job(cfg, s, args.P))
+            except torch.OutOfMemoryError as e:
+                cause = e.__cause__
+                error = getattr(cause, "cause", str(e)).splitlines()[0][:200]
+                print(f"  {s}: out of memory on rank {getattr(cause, 'rank', '?')}", flush=True)
+                return ready, done, dict(setting=str(s), rank=getattr(cause, "rank", None), error=error)
+            done[str(s)] = shipped.profiles(pool)
+            for entry, p in zip(ready, done[str(s)]):
+                entry.update({k: p[k] for k in ("weights_gib", "outside_gib", "device_name") if k in p})
+            print(f"  {s}: peak {[round(p['peak_gib'], 2) for p in done[str(s)]]} GiB", flush=True)
     finally:
-        for p in procs:
-            if ended < world:
-                p.kill()
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-                p.join()
-    return out
+        pool.close()
+    return ready, done, None
 
 
 def fit(world: int, args, settings: list[Setting]) -> tuple[dict, list[dict]]:
-    """{setting: result} and the groups' ready messages; a new group after each out-of-memory."""
+    """{setting: result} and the groups' ready entries (one per rank); a new group after each out-of-memory."""
     result: dict[str, dict] = {}
     ready: list[dict] = []
     pending = list(settings)
     while pending:
-        msgs = _group(world, args, [str(s) for s in pending])
-        ready += [m for m in msgs if m["kind"] == "ready"]
-        done: dict[str, list[dict]] = {}
-        for m in msgs:
-            if m["kind"] == "done":
-                done.setdefault(m["setting"], []).append(m)
-        for text, ms in done.items():
-            if len(ms) == world:
-                result[text] = dict(fits=True, seconds=max(m["seconds"] for m in ms),
-                                    peak_gib=[m["peak_gib"] for m in sorted(ms, key=lambda m: m["rank"])],
-                                    reserved_gib=[m["reserved_gib"] for m in sorted(ms, key=lambda m: m["rank"])])
-        oom = next((m for m in msgs if m["kind"] == "oom"), None)
-        if oom is None and any(m["kind"] == "timeout" for m in msgs):
-            raise SystemExit(f"the group stopped answering within --timeout {args.timeout} s; messages: {msgs}")
+        got, done, oom = _group(world, args, pending)
+        ready += got
+        for text, ps in done.items():
+            result[text] = dict(fits=True, seconds=max(p["loop_s"] for p in ps),
+                                peak_gib=[p["peak_gib"] for p in ps], reserved_gib=[p["reserved_gib"] for p in ps])
         if oom is not None:
             bad = Setting.parse(oom["setting"])
             result[str(bad)] = dict(fits=False, why=f"out of memory on rank {oom['rank']}: {oom['error']}")
@@ -229,7 +175,7 @@ def main() -> None:
     settings.sort(key=lambda s: plan[str(s)])
     t0 = time.time()
     result, ready = fit(args.gpus, args, settings)
-    dev_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    dev_name = next((m["device_name"] for m in ready if m.get("device_name")), args.device)
     print(f"\n{dev_name}, torch {torch.__version__}, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
           f"{time.time() - t0:.0f} s; Wan2.2 A14B shapes (two experts, random), {args.weights} weights, P={args.P}, "
           f"{args.gpus} GPUs each capped to {args.gib:g} - {args.reserve:g} GiB of allocator memory")

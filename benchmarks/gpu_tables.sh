@@ -3,15 +3,20 @@
 # limit, with full logs and JSON in $OUT (default ./gpu-results). Usage:
 #
 #   bash benchmarks/gpu_tables.sh s1        # S1 on 2 and 1 GPUs (40 and 72 latent frames, extrapolated to 257)
+#   bash benchmarks/gpu_tables.sh s1-n1     # S1 on 1 GPU, 72 latent frames, + one-block and diffusers baselines
 #   bash benchmarks/gpu_tables.sh baseline  # one GPU, full-sequence sampling, 72 latent frames
 #   bash benchmarks/gpu_tables.sh decode    # Block Decode, 257 latent frames at 832x480, 1 and 2 GPUs
 #   bash benchmarks/gpu_tables.sh 14b       # Wan2.1-14B shapes on 2 GPUs, bf16 and fp8 weights
 #   bash benchmarks/gpu_tables.sh 14b-1gpu  # Wan2.1-14B shapes on 1 GPU
 #   bash benchmarks/gpu_tables.sh fp8       # Wan2.1-14B fp8 and Wan2.2 A14B (two experts, fp8, cfg_low 1), 2 GPUs
 #   bash benchmarks/gpu_tables.sh fit24     # which Wan2.2 A14B settings fit two 24 GB cards (memory cap)
-#   bash benchmarks/gpu_tables.sh parity    # 1 vs 2 GPUs: plain, fused, compiled (the README's open item)
+#   bash benchmarks/gpu_tables.sh parity    # 1 vs 2 GPUs: compiled or not, twice, one block-step in flight
+#   bash benchmarks/gpu_tables.sh tests     # the gpu / multi_gpu pytest tier (tests/test_gpu.py; needs pytest)
 #
+# Every DualParal row runs through the product's WorkerPool (benchmarks/shipped.py): QKV always fused, the chains
+# compiled unless --no-compile. Rows measured before 2026-12-06 used the benchmark's own launcher (README).
 # 14B steps measure one length and extrapolate from the steady-state block-step ticks (bench_s1.py --extrapolate).
+# Wheels carried in .whl/ (diffusers for --diffusers-baseline, pytest for `tests`) are installed first.
 # Each group ends within 10 minutes (the limits below); run them as separate commands on a lent machine.
 set -u
 cd "$(dirname "$0")/.."
@@ -19,6 +24,11 @@ OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
+if ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+DIFFUSERS=$("$PY" -c 'import diffusers' 2>/dev/null && echo --diffusers-baseline)
 
 step() {  # name limit_s command...: full log in $OUT/name.log, a line per step in $OUT/steps.txt
     local name=$1 limit=$2 start
@@ -28,10 +38,12 @@ step() {  # name limit_s command...: full log in $OUT/name.log, a line per step 
     echo "$name rc=$? $(( $(date +%s) - start )) s: $*" | tee -a "$OUT/steps.txt"
 }
 
-S1="$PY benchmarks/bench_s1.py --fuse --compile"
+S1="$PY benchmarks/bench_s1.py --compile"
 case "${1:-}" in
 s1) step s1 480 $S1 --world 2 1 --frames 40 72 --extrapolate 257 --verify --timeout 460 --json "$OUT/s1.json" ;;
+s1-n1) step s1n1 560 $S1 --world 1 --frames 72 --baseline $DIFFUSERS --timeout 540 --json "$OUT/s1n1.json" ;;
 baseline) step base 300 $S1 --world --baseline --frames 72 --timeout 280 --json "$OUT/base.json" ;;
+tests) step gputests 560 "$PY" -m pytest -q -p no:cacheprovider -m "gpu or multi_gpu" tests/test_gpu.py ;;
 decode) step decode 300 "$PY" benchmarks/bench_decode.py --devices 0,1 --json "$OUT/decode.json" ;;
 14b)
     step b14 200 $S1 --model 14b --world 2 --frames 24 --extrapolate 72 257 --timeout 190 --json "$OUT/b14.json"
@@ -45,14 +57,12 @@ fp8)
 fit24) step fit24 560 "$PY" benchmarks/fit_24gb.py --timeout 240 --json "$OUT/fit24.json" ;;
 14b-1gpu) step n1_14 330 $S1 --model 14b --world 1 --frames 24 --extrapolate 72 257 --timeout 320 \
     --json "$OUT/n1_14.json" ;;
-parity)  # which of fused QKV, compilation, pre-warm and pipelining changes the latents (verify job: 24 frames, 3 steps)
+parity)  # which of compilation and pipelining changes the latents (verify job: 24 frames, 3 steps)
     B="$PY benchmarks/bench_s1.py --frames 8 --steps 2 --verify --timeout 80"
-    step p_fused 90 $B --world 1 2 --fuse --save-verify "$OUT/parity/fused"
-    step p_compiled 90 $B --world 1 2 --compile --save-verify "$OUT/parity/compiled"
-    step p_fc_a 90 $B --world 1 2 --fuse --compile --save-verify "$OUT/parity/fc_a"
-    step p_fc_b 90 $B --world 1 2 --fuse --compile --save-verify "$OUT/parity/fc_b"
-    step p_fc_prewarm 90 $B --world 1 --fuse --compile --prewarm on --save-verify "$OUT/parity/fc_pw"
-    step p_fc_inflight1 90 $B --world 2 --fuse --compile --in-flight 1 --save-verify "$OUT/parity/fc_if1"
+    step p_plain 90 $B --world 1 2 --no-compile --save-verify "$OUT/parity/plain"
+    step p_fc_a 90 $B --world 1 2 --compile --save-verify "$OUT/parity/fc_a"
+    step p_fc_b 90 $B --world 1 2 --compile --save-verify "$OUT/parity/fc_b"
+    step p_fc_inflight1 90 $B --world 2 --compile --in-flight 1 --save-verify "$OUT/parity/fc_if1"
     "$PY" - "$OUT/parity" <<'PY' | tee "$OUT/parity.txt"
 import itertools, pathlib, sys
 import numpy as np

@@ -3,8 +3,11 @@
     python benchmarks/trace_parity.py OUT_DIR              # 2 GPUs: N = 1, then N = 2 twice, 1.3B shapes, GPU defaults
     TRACE_CPU=1 python benchmarks/trace_parity.py OUT_DIR  # CPU smoke run (tiny model, gloo)
 
-Each run does a warm-up job, then a traced 24-latent-frame, 3-step job; every call of the compiled elementwise
-chains records (block, step, layer, call, function, int64 sum of the output's bits, the same of each tensor input).
+Each run starts the product's pool (benchmarks/shipped.py; the GPU defaults: fused QKV, compiled chains) with
+DUALPARAL_TRACE=DIR, which makes every rank's engine record its calls (dualparal_core/trace.py) and write
+DIR/rank{R}.json after each job. A warm-up job, then a traced 24-latent-frame, 3-step job; every call of the
+compiled elementwise chains records (block, step, layer, call, function, int64 sum of the output's bits, the same
+of each tensor input).
 The comparison prints the first differing calls in (step, block, layer, call) order, and those whose inputs were
 identical: a function that gives other bits for the same bits in is where the runs part (how the 2-GPU difference
 of the compiled path was found: docs/ARCHITECTURE.md, "Compiled elementwise chains").
@@ -15,98 +18,26 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import shipped  # noqa: E402
 import torch  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-from bench_s1 import _free_port, _sigmas, _stage, join_rank  # noqa: E402
 
-from dualparal_core.config import SamplingConfig, WanConfig, split_layers  # noqa: E402
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """int64 sum of a tensor's bit patterns: equal for equal tensors, different for almost any 1-ulp change."""
-    return t.view(torch.int16 if t.element_size() == 2 else torch.int32).sum(dtype=torch.int64)
-
-
-def rank_main(rank: int, world: int, port: int, out: str, q) -> None:
-    from dualparal_core.comm import destroy_groups
-    from dualparal_core.engine import RankEngine
-    from dualparal_core.protocol import Job
-
-    cpu = os.environ.get("TRACE_CPU") == "1"
-    dev, pipe = join_rank(rank, world, port, "cpu" if cpu else "cuda", 300)
-    cfg = WanConfig.tiny() if cpu else WanConfig.wan21_1_3b()
-
-    class Opts:  # what bench_s1._stage reads: the GPU defaults
-        attention, weights, fuse, compile = "sdpa", "dequant", True, True
-
-    dtype = torch.float32 if cpu else torch.bfloat16
-    st = _stage(cfg, split_layers(cfg.num_layers, world)[rank], rank, world, dtype, dev, Opts, 0)
-    eng = RankEngine(st, pipe)
-    rec, cur = [], {"item": None, "layer": None, "n": 0, "on": False}
-    index = {id(b): int(k) for k, b in st.blocks.items()}
-    for key, fn in list(st._ew.items()):
-        def traced(*args, _fn=fn, _key=key, **kwargs):
-            o = _fn(*args, **kwargs)
-            if cur["on"]:
-                cur["n"] += 1
-                rec.append((cur["item"], cur["layer"], cur["n"], _key, _bits(o),
-                            [_bits(a) for a in args if torch.is_tensor(a)]))
-            return o
-        st._ew[key] = traced
-    inner_layer, inner_layers = st._layer, eng._layers
-
-    def layer(blk, h, *args, **kwargs):
-        cur["layer"], cur["n"] = index[id(blk)], 0
-        if cur["on"]:
-            rec.append((cur["item"], cur["layer"], 0, "in", _bits(h), []))
-        return inner_layer(blk, h, *args, **kwargs)
-
-    def layers(item, h):
-        cur["item"] = (item.block, item.step)
-        return inner_layers(item, h)
-
-    st._layer, eng._layers = layer, layers
-    g = torch.Generator().manual_seed(0)
-    cond, uncond = torch.randn(1, 512, cfg.text_dim, generator=g), torch.randn(1, 512, cfg.text_dim, generator=g)
-
-    def job(frames, steps):
-        sc = SamplingConfig(sigmas=_sigmas(steps), sampler="uni_pc", cfg=5.0, seed=0, noise_mode="coordinated",
-                            num_per_block=8, num_cat=8)
-        return Job(sc, (1, 16, frames, 8 if cpu else 60, 8 if cpu else 104), cond, uncond)
-
-    eng.run_job(job(8, 2))
-    cur["on"] = True
-    lat = eng.run_job(job(24, 3))
-    if not cpu:
-        torch.cuda.synchronize(dev)
-    rows = [dict(item=list(i) if i else None, layer=lay, n=n, fn=k, out=o.item(), ins=[x.item() for x in ins])
-            for i, lay, n, k, o, ins in rec]
-    Path(out).mkdir(parents=True, exist_ok=True)
-    Path(f"{out}/rank{rank}.json").write_text(json.dumps(rows))
-    if lat is not None:
-        torch.save(lat, f"{out}/lat.pt")
-    q.put(rank)
-    if world > 1:
-        destroy_groups()
+from dualparal_core.config import WanConfig  # noqa: E402
 
 
 def run(world: int, out: str) -> None:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=rank_main, args=(r, world, port, out, q)) for r in range(world)]
-    for p in procs:
-        p.start()
+    """A warm-up job, then the traced one, on a pool of ``world`` ranks with DUALPARAL_TRACE=out."""
+    cpu = os.environ.get("TRACE_CPU") == "1"
+    cfg = WanConfig.tiny() if cpu else WanConfig.wan21_1_3b()
+    h, w = (64, 64) if cpu else (480, 832)
+    pool = shipped.start_pool(cfg, world, device="cpu" if cpu else "cuda", dtype="fp32" if cpu else "bf16",
+                              timeout=300, env={"DUALPARAL_TRACE": str(Path(out).resolve())})
     try:
-        for _ in procs:
-            q.get(timeout=100)
+        pool.generate(shipped.make_job(cfg, 8, 2, 8, 8, h, w))
+        lat = pool.generate(shipped.make_job(cfg, 24, 3, 8, 8, h, w))  # each rank's file now holds this job
     finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
+        pool.close()
+    torch.save(lat, f"{out}/lat.pt")
 
 
 def load(d: str) -> dict:

@@ -15,6 +15,8 @@ one) runs without right context — no keys of one expert ever meet the other's 
 
 from __future__ import annotations
 
+import os
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -54,6 +56,18 @@ class RankEngine:
         # Pre-warm (see _prewarm): on by default where it matters, GPU ranks of a pipeline
         self.prewarm = self.world > 1 and self.model.device.type == "cuda"
         self.warmed: set[tuple] = set()
+        # Benchmarks measure the shipped path through these environment switches (read once, here):
+        # DUALPARAL_PROFILE=1 fills last_profile after every job, which the rank program adds to its result;
+        # DUALPARAL_MEMORY_CAP_GIB caps this rank's CUDA allocator (emulating a smaller card);
+        # DUALPARAL_TRACE=DIR writes checksums of every compiled call (dualparal_core/trace.py).
+        self.profile = os.environ.get("DUALPARAL_PROFILE", "") == "1"
+        self.last_profile: dict = {}  # {} unless profiling; else {"profile": {...}}, keys in _profile_end
+        self._marks: list | None = None
+        self._memory = self._cap_memory(os.environ.get("DUALPARAL_MEMORY_CAP_GIB", ""))
+        if os.environ.get("DUALPARAL_TRACE"):
+            from .trace import install_trace
+
+            install_trace(self, os.environ["DUALPARAL_TRACE"])
 
     # ------------------------------------------------------------------ job set-up (every rank)
     def _prepare(self, job: Job) -> None:
@@ -160,13 +174,75 @@ class RankEngine:
         if ran and dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
+    # ------------------------------------------------------------------ profiling (benchmarks only)
+    def _cap_memory(self, cap: str) -> dict:
+        """This rank's CUDA memory after loading (weights, and what lives outside the allocator: context, NCCL)
+        and, given ``cap`` in GiB, the allocator capped to it (benchmarks/fit_24gb.py emulates a smaller card)."""
+        dev = self.model.device
+        if dev.type != "cuda" or not (self.profile or cap):
+            return {}
+        weights = torch.cuda.memory_allocated(dev)
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(dev)
+        out = {"weights_gib": weights / 2**30, "device_name": torch.cuda.get_device_name(dev),
+               "outside_gib": (total - free - torch.cuda.memory_reserved(dev)) / 2**30}
+        if cap:
+            torch.cuda.set_per_process_memory_fraction(min(1.0, float(cap) * 2**30 / total), dev)
+            out["cap_gib"] = float(cap)
+        return out
+
+    def _profile_start(self) -> None:
+        self.last_profile = {}
+        if not self.profile:
+            return
+        dev = self.model.device
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        self._marks, self._t0 = [], time.perf_counter()
+        self._mark()
+
+    def _mark(self) -> None:
+        """Stamp the job's start, and on the last rank the end of every block-step's head (CUDA events: no sync)."""
+        if self._marks is None:
+            return
+        if self.model.device.type == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self._marks.append(ev)
+        else:
+            self._marks.append(time.perf_counter())
+
+    def _profile_end(self) -> None:
+        """last_profile["profile"]: ``loop_s`` (this rank's run_job, device synchronised at both ends), ``ticks``
+        (last rank: seconds from the job's start to each block-step's head, schedule order; others []),
+        ``peak_gib`` / ``reserved_gib`` (CUDA allocator peaks of this job; 0 on CPU), ``block_steps``, and on
+        GPUs ``weights_gib``, ``outside_gib``, ``device_name`` (+ ``cap_gib`` when capped)."""
+        marks, self._marks = self._marks, None
+        if marks is None:
+            return
+        dev = self.model.device
+        cuda = dev.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(dev)
+        loop_s = time.perf_counter() - self._t0
+        ticks = [marks[0].elapsed_time(e) / 1e3 for e in marks[1:]] if cuda else [t - marks[0] for t in marks[1:]]
+        gib = 2**30
+        self.last_profile = {"profile": {
+            "loop_s": loop_s, "ticks": ticks, "block_steps": len(self.schedule) * self.job.shape[0],
+            "peak_gib": torch.cuda.max_memory_allocated(dev) / gib if cuda else 0.0,
+            "reserved_gib": torch.cuda.max_memory_reserved(dev) / gib if cuda else 0.0, **self._memory}}
+
     # ------------------------------------------------------------------ public entry
     def run_job(self, job: Job, progress: ProgressFn | None = None,
                 cancelled: Callable[[], bool] | None = None) -> torch.Tensor | None:
         """Run a job on this rank. Rank 0 returns the latents [B, C, T, H, W] (float32, CPU); others None.
 
         Raises JobCancelled on every rank when rank 0 saw ``cancelled()`` turn true (checked every block-step).
+        With profiling on, ``last_profile`` describes the job afterwards.
         """
+        self._profile_start()
         job.validate(self.model.config)
         self._prepare(job)
         self.jobs_run += 1
@@ -179,13 +255,16 @@ class RankEngine:
             if self.rank != 0:
                 for _ in range(job.shape[0]):
                     self._serve_video()
-                return None
-            return self._lead(job, progress, cancelled or (lambda: False))
+                out = None
+            else:
+                out = self._lead(job, progress, cancelled or (lambda: False))
         finally:
             self._right = None
             self.text = None
             if self.pipe is not None:
                 self.pipe.flush()
+        self._profile_end()
+        return out
 
     # ------------------------------------------------------------------ rank 0
     def _lead(self, job: Job, progress: ProgressFn | None, cancelled: Callable[[], bool]) -> torch.Tensor:
@@ -257,7 +336,9 @@ class RankEngine:
         if self.batch[e] == 2:
             h = h.expand(2, -1, -1).contiguous()
         if self.world == 1:
-            return self._head(item, self._layers(item, h))
+            v = self._head(item, self._layers(item, h))
+            self._mark()
+            return v
         _, _, own = self._window(item)
         handle = self.pipe.irecv_last((1, x.shape[1], own, x.shape[3], x.shape[4]))
         self.pipe.send_next(item.index, self._layers(item, h))
@@ -286,7 +367,9 @@ class RankEngine:
             h = self.pipe.recv_prev((self.batch[item.expert], frames * self.hw, c.dim), self.model.dtype)
             h = self._layers(item, h)
             if self.pipe.is_last:
-                self.pipe.send_first(self._head(item, h).contiguous())
+                v = self._head(item, h).contiguous()
+                self._mark()
+                self.pipe.send_first(v)
             else:
                 self.pipe.send_next(item.index, h)
 
