@@ -264,6 +264,37 @@ def test_a_missing_file_is_a_load_error_and_files_are_found_under_models_dir(gro
         p.close()
 
 
+@pytest.mark.dist
+def test_block_decode_runs_on_an_attached_group(group):
+    """Each rank of the torchrun group decodes its primed span and sends its frames on its own connection: the
+    IMAGE equals the sequential decode bit for bit, the weights cross once, a cancel keeps the group usable."""
+    from test_decode_parallel import latent, run
+    from test_decode_parallel import reference as decoded
+    from test_vae import make_vae, to_original_layout
+
+    from dualparal_core.vae import WanVAEDecoder
+
+    vae = make_vae(3, base_dim=4)
+    dec, sd = WanVAEDecoder.from_vae(vae), to_original_layout(vae.state_dict())
+    z = latent(2, 44)
+    p = group.attach(TINY)
+    try:
+        sink, report = run(p, z, sd, block_size=3, spans=[(0, 40), (40, 44)])
+        assert report.spans == [(0, 40), (40, 44)] and report.weights_sent == 2
+        assert torch.equal(sink.image, decoded(dec, z))
+        seen = []
+        with pytest.raises(PoolCancelled):
+            run(p, latent(1, 60, seed=7), sd, block_size=1, spans=[(0, 50), (50, 60)],
+                on_progress=lambda d, t: seen.append(d), should_cancel=lambda: len(seen) >= 2)
+        assert p.alive
+        again, report = run(p, z, sd, block_size=3, spans=[(0, 40), (40, 44)])
+        assert report.weights_sent == 0 and torch.equal(again.image, sink.image)
+        job = tiny_job()
+        assert torch.equal(p.generate(job), reference(job))  # and sampling still works after decoding
+    finally:
+        p.close()
+
+
 # ---------------------------------------------------------------------------------------------- faults (own group)
 @pytest.mark.dist
 def test_killing_a_rank_mid_job_names_it_and_the_group_goes(tmp_path):
