@@ -16,6 +16,7 @@ import time
 
 import pytest
 import torch
+from fault_helpers import fault_env
 
 from dualparal_core.config import ModelSource, PoolSpec, SamplingConfig, Timeouts, WanConfig
 from dualparal_core.pool import PoolCancelled, WorkerError, WorkerPool
@@ -36,7 +37,7 @@ def _start(devices, fault: str = "", dtype: str = "fp32", compile: bool | None =
     block test runs the GPU default, compiled)."""
     spec = PoolSpec(ModelSource(random_config=CFG, random_seed=SEED), devices=tuple(devices), dtype=dtype,
                     compile=compile)
-    return WorkerPool.start(spec, Timeouts(startup=300, step=300), env={**SAFE_ENV, "DUALPARAL_FAULT": fault})
+    return WorkerPool.start(spec, Timeouts(startup=300, step=300), env=fault_env(fault, **SAFE_ENV))
 
 
 def _job(frames: int = 9, steps: int = 3, P: int = 2, K: int = 2, cfg: float = 3.0, noise_mode: str = "coordinated",
