@@ -18,6 +18,7 @@ from fault_helpers import fault_env, tiny_job, tiny_spec, wait_gone, worker_proc
 
 from dualparal_core import protocol as proto
 from dualparal_core.pool import WorkerError, WorkerPool
+from dualparal_core.rank.lead import MAX_HANDSHAKES
 
 pytestmark = pytest.mark.dist
 
@@ -119,3 +120,32 @@ def test_store_values_round_trip_and_reject_what_is_not_ours():
         assert proto.read_store("report", raw) is None, raw
     with pytest.raises(ValueError, match="not a valid report"):
         proto.write_store("report", {"rank": "one"})
+
+
+def test_silent_connections_cost_rank_0_no_thread_pile_and_no_stall():
+    """Hole 7: 300 connections that never authenticate. Rank 0 authenticates at most a few at once (the rest are
+    closed at once) and each attempt ends within Timeouts.connect; the pool keeps working meanwhile."""
+    import socket
+
+    p = WorkerPool.start(tiny_spec(1))
+    socks = []
+    try:
+        rank0 = psutil.Process(p.pids[0])
+        threads_before = rank0.num_threads()
+        port = next(c.laddr.port for c in rank0.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
+                    and c.laddr.port != p.ready_info[0]["store_port"])
+        for _ in range(300):
+            try:
+                socks.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+            except OSError:
+                pass  # refused or reset: also fine, what matters is rank 0's state
+        time.sleep(1.0)
+        # each handshake in flight is a thread and its timer; before the bound: ~2 per connection (600 here)
+        assert rank0.num_threads() <= threads_before + 2 * MAX_HANDSHAKES + 4, (threads_before, rank0.num_threads())
+        t0 = time.monotonic()
+        job = tiny_job()
+        assert p.generate(job).shape == job.shape and time.monotonic() - t0 < 30
+    finally:
+        for s in socks:
+            s.close()
+        p.close()
