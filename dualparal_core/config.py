@@ -20,8 +20,10 @@ DTYPES: tuple[str, ...] = ("bf16", "fp16", "fp32")
 WEIGHT_MODES: tuple[str, ...] = ("dequant", "fp8")
 #: Which expert of a Wan2.2 A14B pair a LoRA is merged into.
 LORA_EXPERTS: tuple[str, ...] = ("both", "high", "low")
-#: Attention backends a user may pick ("sdpa": PyTorch chooses; the others force one SDPA kernel).
-ATTENTION_BACKENDS: tuple[str, ...] = ("sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math")
+#: Attention backends a user may pick ("auto": FlashAttention-3 on a Hopper GPU in bf16 when ``fa3-fwd`` is
+#: installed, else "sdpa"; "sdpa": PyTorch chooses; "fa3": FlashAttention-3; the others force one SDPA kernel).
+ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "sdpa", "fa3", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient",
+                                       "sdpa_math")
 
 
 @dataclass(frozen=True)
@@ -399,8 +401,8 @@ class PoolSpec:
     """One device per rank, ("cuda:0", "cuda:1") or ("cpu", "cpu"); any parse_devices form but auto/tcp."""
     dtype: str = "bf16"
     """Compute dtype, one of DTYPES."""
-    attention: str = "sdpa"
-    """Attention backend, one of ATTENTION_BACKENDS."""
+    attention: str = "auto"
+    """Attention backend, one of ATTENTION_BACKENDS (dualparal_core/attention.py; each rank resolves "auto")."""
     max_in_flight: int | None = None
     """Block-steps rank 0 keeps in flight (default: the number of ranks + 1)."""
     compile: bool | None = None
@@ -420,6 +422,9 @@ class PoolSpec:
             raise ValueError(f"dtype={self.dtype!r} is not supported; choose one of {list(DTYPES)}.")
         if self.weights not in WEIGHT_MODES:
             raise ValueError(f"weights={self.weights!r} is not supported; choose one of {list(WEIGHT_MODES)}.")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention={self.attention!r} is not supported; choose one of "
+                             f"{list(ATTENTION_BACKENDS)} ('auto' picks the fastest that is installed).")
 
     @property
     def world_size(self) -> int:

@@ -16,22 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import attention
 from .config import ATTENTION_BACKENDS, WanConfig
 from .files import keeps_fp32
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
-    """Non-causal attention. q [B, H, Lq, d], k/v [B, H, Lk, d] -> [B, H, Lq, d]."""
-    if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    kind = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
-            "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa_math": SDPBackend.MATH}.get(backend)
-    if kind is None:
-        raise ValueError(f"attention={backend!r} is not supported; choose one of {list(ATTENTION_BACKENDS)}.")
-    with sdpa_kernel(kind):
-        return F.scaled_dot_product_attention(q, k, v)
 
 
 def rope_tables(config: WanConfig, frames: int, h: int, w: int, device, first_frame: int = 0):

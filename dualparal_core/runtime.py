@@ -72,6 +72,9 @@ def check_spec(spec: PoolSpec, env: dict[str, str]) -> tuple[PoolSpec, WanConfig
     if spec.compile is None:
         _env_compile(env)  # a bad value is refused here, before any worker starts
     devices = parse_devices(spec.devices, attach=False)  # again: an unpickled spec skipped __post_init__
+    from .attention import check_backend
+
+    check_backend(spec.attention)  # a missing FlashAttention-3 is named here, before any worker starts
     if devices[0].startswith("cuda"):
         check_visible(devices, _count_cuda(env), shown=repr(list(spec.devices)), seen_by="the workers see",
                       cuda_visible=env.get("CUDA_VISIBLE_DEVICES"))
@@ -95,7 +98,10 @@ def build_stage(spec: PoolSpec, rank: int, device: str | torch.device | None = N
     embed, head = rank == 0, rank == world - 1
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    stages = [_build_expert(spec, src, e, config, layers, dev) for e in range(2 if src.two_experts else 1)]
+    from .attention import resolve_backend
+
+    backend = resolve_backend(spec.attention, dev, TORCH_DTYPES[spec.dtype])  # "auto" picks for this device
+    stages = [_build_expert(spec, src, e, config, layers, dev, backend) for e in range(2 if src.two_experts else 1)]
     if len(stages) == 1:
         model = stages[0]
     else:
@@ -118,12 +124,12 @@ def build_stage(spec: PoolSpec, rank: int, device: str | torch.device | None = N
         report += (f"; CUDA allocated {torch.cuda.memory_allocated(dev) / 2**30:.2f}, peak while loading "
                    f"{torch.cuda.max_memory_allocated(dev) / 2**30:.2f}")
     logger.info("rank %d: %s", rank, report)
-    return model, {"config": config, "layers": (layers.start, layers.stop), "load_s": load_s,
+    return model, {"config": config, "layers": (layers.start, layers.stop), "load_s": load_s, "attention": backend,
                    "experts": len(stages), "weight_bytes": actual, "planned_weight_bytes": planned}
 
 
 def _build_expert(spec: PoolSpec, src: ModelSource, expert: int, config: WanConfig, layers: range,
-                  dev: torch.device):
+                  dev: torch.device, backend: str):
     """One expert's stage of ``layers`` on ``dev``, with its LoRAs merged (and fp8 Linears when asked)."""
     from . import fp8 as f8
     from .model import WanStage
@@ -133,7 +139,7 @@ def _build_expert(spec: PoolSpec, src: ModelSource, expert: int, config: WanConf
     loras = src.expert_loras(expert)
     path = src.path if expert == 0 else src.low_noise_path
     stage = WanStage(config, layers, embed=embed, head=head, dtype=dtype, device="meta" if path else dev,
-                     attention_backend=spec.attention)
+                     attention_backend=backend)
     if path is not None:
         from .checkpoint import load_stage_weights
 

@@ -120,6 +120,7 @@ def test_ready_info_and_clean_worker_interpreter(pool):
     assert all(i["host_modules"] == [] for i in info), "a worker imported ComfyUI modules"
     assert all(i["load_count"] == 1 and i["world"] == 2 for i in info)
     assert info[0]["layers"] == (0, 2) and info[1]["layers"] == (2, 3)
+    assert all(i["attention"] == "sdpa" for i in info)  # the spec's "auto" on CPU ranks
     assert info[0]["store_port"] not in (None, 29500)  # a free port, never the one already taken
     assert len({i["pool_id"] for i in info}) == 1
     assert os.stat(pool.runtime_dir).st_mode & 0o777 == 0o700
