@@ -19,7 +19,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", help="load this file at start (a path, or a name under --models-dir)")
     p.add_argument("--random-tiny", type=int, metavar="SEED", help="load a tiny random Wan at start (tests)")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="dtype of the start-up model")
-    p.add_argument("--attention", default="sdpa", help="attention backend of the start-up model")
+    p.add_argument("--attention", default="auto", help="attention backend of the start-up model (as the Loader's)")
     p.add_argument("--device", default="auto", help="auto: cuda:LOCAL_RANK when there is a GPU, else cpu; or cpu, "
                    "or cuda:N")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a pipeline send/receive may wait")
