@@ -191,13 +191,14 @@ def _hopper_with_fa3() -> bool:
 def test_fa3_latents_match_sdpa_within_bf16_tolerance():
     """attention='fa3' against 'sdpa' (cuDNN) on cuda:0, bf16 end to end, the GPU defaults otherwise.
 
-    Tolerance: relative L2 3e-2. The kernels differ in accumulation order and in where they round the softmax to
-    bf16 (each is 2.3e-3 from an fp32 reference at the block-step's shape on an H100, issue 15); over 3 steps x 3
-    layers x 3 blocks of the tiny model such bf16 differences compound to ~1e-2 (bf16 has 8 bits of mantissa,
-    2**-8 = 3.9e-3 per rounding). A real error moves the result far more: changing the guidance by 10 % moves
-    it by more than the tolerance (checked), and a wrong layout (heads and tokens swapped) by ~1."""
+    Tolerance: relative L2 2e-3. The kernels differ in accumulation order and in where they round the softmax to
+    bf16 (each is 2.3e-3 from an fp32 reference at the block-step's shape on an H100, issue 15; bf16 keeps 8 bits,
+    2**-8 = 3.9e-3 per rounding, but independent roundings average out over the 128-wide head): measured 7.1e-4
+    on an H100 (2026-12-06). A real change moves the result more: guidance 3 -> 3.3 moved it by 1.35e-3 there, so
+    the control doubles the guidance (checked to move it by more than the tolerance), and a wrong layout (heads and
+    tokens swapped) moves it by ~1."""
     job = _job(frames=9, steps=3, P=2, K=2)
-    off = _job(frames=9, steps=3, P=2, K=2, cfg=3.3)
+    off = _job(frames=9, steps=3, P=2, K=2, cfg=6.0)
     out = {}
     for backend in ("sdpa", "fa3"):
         pool = _start(["cuda:0"], dtype="bf16", compile=None, attention=backend)
@@ -210,7 +211,7 @@ def test_fa3_latents_match_sdpa_within_bf16_tolerance():
             pool.close()
     rel = ((out["fa3"] - out["sdpa"]).norm() / out["sdpa"].norm()).item()
     moved = ((out["off"] - out["sdpa"]).norm() / out["sdpa"].norm()).item()
-    assert out["fa3"].isfinite().all() and rel <= 3e-2 < moved, (rel, moved)
+    assert out["fa3"].isfinite().all() and rel <= 2e-3 < moved, (rel, moved)
 
 
 @pytest.mark.multi_gpu
