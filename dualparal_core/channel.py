@@ -1,17 +1,24 @@
-"""The authenticated socket between a parent and rank 0 of a torchrun-started group (both ends use it).
+"""The authenticated socket between a parent and a group's ranks (both ends use it), and where a parent may attach.
 
-multiprocessing's mutual HMAC challenge with the shared secret of DUALPARAL_AUTHKEY, on a plain socket so that the
-connect and the handshake are bounded (a silent peer or a foreign service blocks no one), with TCP keep-alive so that
-a peer whose host vanished is noticed. The channel then carries pickles: the key is as good as a login on the hosts.
+A mutual HMAC-SHA256 proof over both sides' nonces with the shared secret (DUALPARAL_AUTHKEY; a random one per
+local pool), the connecting side checking the listener's proof before it gives its own: a port that a shared
+workflow points us at learns nothing about the key. On a plain socket, so that the connect and the handshake are
+bounded (a silent peer or a foreign service blocks no one), with TCP keep-alive so that a peer whose host vanished
+is noticed. The channel then carries pickles: the key is as good as a login on the hosts. A parent attaches only to
+addresses in DUALPARAL_ATTACH_ALLOW (loopback when unset): a workflow cannot make ComfyUI connect anywhere else.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import ipaddress
 import os
 import pickle
 import socket
 import threading
-from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Connection
 
 from .config import Timeouts
 from .protocol import AttachError
@@ -42,6 +49,37 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+ALLOW_ENV = "DUALPARAL_ATTACH_ALLOW"
+
+
+def _allowed_nets(text: str):
+    nets = []
+    for item in text.replace(";", ",").split(","):
+        if item.strip():
+            try:
+                nets.append(ipaddress.ip_network(item.strip(), strict=False))
+            except ValueError:
+                raise AttachError(f"{ALLOW_ENV}={text!r}: {item.strip()!r} is not an address or network; write "
+                                  f"e.g. 10.0.0.5,192.168.1.0/24 (loopback is always allowed).") from None
+    return nets
+
+
+def check_allowed(host: str, port: int, env=None) -> None:
+    """Refuse (AttachError, before any connection) an address outside DUALPARAL_ATTACH_ALLOW; every address the
+    name resolves to must be allowed. The error is the same whatever listens there."""
+    env = os.environ if env is None else env
+    nets = _allowed_nets(env.get(ALLOW_ENV, ""))
+    try:
+        addrs = {ipaddress.ip_address(a[4][0].split("%")[0]) for a in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
+    except (OSError, ValueError):
+        addrs = set()
+    if addrs and all(a.is_loopback or any(a in n for n in nets) for a in addrs):
+        return
+    raise AttachError(f"tcp://{host}:{port} is not an address this ComfyUI may attach to: only loopback, and what "
+                      f"the server's owner lists in {ALLOW_ENV} (e.g. `export {ALLOW_ENV}=10.0.0.5` where ComfyUI "
+                      f"runs), are allowed; nothing was contacted.")
+
+
 def load_key(authkey: bytes | str | None = None) -> bytes:
     """The shared secret: ``authkey``, else the DUALPARAL_AUTHKEY environment variable (required)."""
     key = authkey if authkey is not None else os.environ.get(KEY_ENV, "")
@@ -61,9 +99,46 @@ def keepalive(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
+NONCE = 32
+_OK, _FAIL = b"#OK", b"#FAIL"
+
+
+def _mac(key: bytes, role: bytes, client_nonce: bytes, server_nonce: bytes) -> bytes:
+    return hmac.new(key, b"dualparal/" + role + client_nonce + server_nonce, hashlib.sha256).digest()
+
+
+def _prove_client(conn: Connection, key: bytes) -> None:
+    """The connecting side: it sends its nonce, checks the server's proof over both nonces, and only then proves
+    itself. A server that does not know the key (a port a shared workflow pointed us at) gets no MAC of anything."""
+    nc = os.urandom(NONCE)
+    conn.send_bytes(nc)
+    reply = conn.recv_bytes(NONCE + 64)
+    ns, proof = reply[:NONCE], reply[NONCE:]
+    if len(ns) != NONCE or not hmac.compare_digest(proof, _mac(key, b"server", nc, ns)):
+        raise AuthenticationError("the peer does not know the key")
+    conn.send_bytes(_mac(key, b"client", nc, ns))
+    if conn.recv_bytes(16) != _OK:
+        raise AuthenticationError("the peer refused our proof")
+
+
+def _prove_server(conn: Connection, key: bytes) -> None:
+    """The listening side: its proof covers a nonce of its own, so a client cannot get a MAC of data it chose,
+    and the roles are labelled, so no proof of one side serves as the other's."""
+    nc = conn.recv_bytes(NONCE)
+    if len(nc) != NONCE:
+        raise AuthenticationError("not a DualParal hello")
+    ns = os.urandom(NONCE)
+    conn.send_bytes(ns + _mac(key, b"server", nc, ns))
+    if not hmac.compare_digest(conn.recv_bytes(64), _mac(key, b"client", nc, ns)):
+        conn.send_bytes(_FAIL)
+        raise AuthenticationError("the peer does not know the key")
+    conn.send_bytes(_OK)
+
+
 def authenticate(sock: socket.socket, key: bytes, *, server: bool, timeout: float = CONNECT_S) -> Connection:
-    """multiprocessing's mutual HMAC challenge on a connected socket, bounded by ``timeout`` (a silent peer cannot
-    block the caller); returns the Connection. Raises AuthenticationError (wrong key), EOFError or OSError."""
+    """A mutual HMAC-SHA256 proof over both sides' nonces on a connected socket, bounded by ``timeout`` (a silent
+    peer cannot block the caller); returns the Connection. Raises AuthenticationError (wrong key), EOFError or
+    OSError (also for an oversized message: every read of the handshake is bounded)."""
     sock.settimeout(None)
     keepalive(sock)
     conn = Connection(os.dup(sock.fileno()))
@@ -80,12 +155,7 @@ def authenticate(sock: socket.socket, key: bytes, *, server: bool, timeout: floa
     timer.daemon = True
     timer.start()
     try:
-        if server:
-            deliver_challenge(conn, key)
-            answer_challenge(conn, key)
-        else:
-            answer_challenge(conn, key)
-            deliver_challenge(conn, key)
+        (_prove_server if server else _prove_client)(conn, key)
         if fired.is_set():
             raise TimeoutError("handshake timed out")
     except BaseException:

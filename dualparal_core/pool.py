@@ -97,10 +97,11 @@ class WorkerPool:
         load: the group keeps running), TimeoutError (not ready within ``timeouts.startup``) or PoolCancelled.
         """
         from .attach import START_HINT, AttachSpec
-        from .channel import KEY_ENV, load_key, parse_address
+        from .channel import KEY_ENV, check_allowed, load_key, parse_address
 
         spec = target if isinstance(target, AttachSpec) else AttachSpec(str(target))
         host, port = parse_address(spec.address)
+        check_allowed(host, port)  # before the key is read or anything is contacted
         hint = ": " + START_HINT.format(env=KEY_ENV, hostport=f"{host}:{port}")
         session = Session.connect(host, port, load_key(authkey), timeouts, f"the DualParal group at {spec.address}",
                                   hint=hint)

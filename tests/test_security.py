@@ -149,3 +149,91 @@ def test_silent_connections_cost_rank_0_no_thread_pile_and_no_stall():
         for s in socks:
             s.close()
         p.close()
+
+
+def test_the_handshake_gives_a_keyless_listener_no_mac_and_checks_both_sides():
+    """Reliability hole 5: a listener that does not know the key (a port a shared workflow names) receives our nonce
+    and nothing derived from the key; with the key, both sides prove it over both nonces; a wrong proof is refused."""
+    import socket
+    import threading
+    from multiprocessing import AuthenticationError
+    from multiprocessing.connection import Connection
+
+    from dualparal_core.channel import NONCE, authenticate
+
+    def tcp_pair():
+        with socket.create_server(("127.0.0.1", 0)) as srv:
+            a = socket.create_connection(srv.getsockname())
+            b, _ = srv.accept()
+        return a, b
+
+    # a fake server: records everything the client sends, answers with a made-up proof
+    a, b = tcp_pair()
+    got = []
+
+    def fake_server():
+        c = Connection(b.detach())
+        got.append(c.recv_bytes())
+        c.send_bytes(b"\0" * NONCE + b"\1" * 32)
+        try:
+            while c.poll(1.0):
+                got.append(c.recv_bytes())
+        except (EOFError, OSError):
+            pass
+
+    t = threading.Thread(target=fake_server)
+    t.start()
+    with pytest.raises(AuthenticationError):
+        authenticate(a, b"the-key", server=False, timeout=5)
+    t.join(5)
+    assert [len(m) for m in got] == [NONCE], "the client sent more than its nonce to a keyless listener"
+
+    def server(sock, result):
+        try:
+            result["conn"] = authenticate(sock, b"k1", server=True, timeout=5)
+        except Exception as exc:  # noqa: BLE001 - inspected below
+            result["error"] = exc
+
+    for client_key, ok in ((b"k1", True), (b"k2", False)):
+        a, b = tcp_pair()
+        result = {}
+        t = threading.Thread(target=server, args=(b, result))
+        t.start()
+        if ok:
+            conn = authenticate(a, client_key, server=False, timeout=5)
+            t.join(5)
+            conn.send_bytes(b"hello")
+            assert result["conn"].recv_bytes() == b"hello"
+            conn.close()
+            result["conn"].close()
+        else:
+            with pytest.raises(AuthenticationError):
+                authenticate(a, client_key, server=False, timeout=5)
+            t.join(5)
+            assert isinstance(result.get("error"), (AuthenticationError, EOFError, OSError))
+
+
+def test_attaching_outside_the_allow_list_contacts_nothing(monkeypatch):
+    """Reliability hole 5: a workflow's devices=tcp://HOST:PORT is refused before any connection unless the address
+    is loopback or listed in DUALPARAL_ATTACH_ALLOW; the same sentence whatever listens there."""
+    import socket
+
+    from dualparal_core.channel import check_allowed
+    from dualparal_core.protocol import AttachError
+
+    check_allowed("127.0.0.1", 9)
+    check_allowed("localhost", 9)
+    monkeypatch.setenv("DUALPARAL_ATTACH_ALLOW", "127.0.0.1")
+    calls = []
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(OSError))
+    messages = set()
+    for host in ("192.0.2.7", "203.0.113.9", "example.invalid"):  # documentation ranges and a name that resolves nowhere
+        with pytest.raises(AttachError, match="DUALPARAL_ATTACH_ALLOW") as e:
+            WorkerPool.attach(f"tcp://{host}:29600", authkey="k")
+        messages.add(str(e.value).replace(host, "HOST"))
+    assert calls == [] and len(messages) == 1
+    monkeypatch.setenv("DUALPARAL_ATTACH_ALLOW", "192.0.2.0/24")
+    check_allowed("192.0.2.7", 29600)  # listed: allowed (not contacted here)
+    monkeypatch.setenv("DUALPARAL_ATTACH_ALLOW", "not-an-address")
+    with pytest.raises(AttachError, match="not an address or network"):
+        check_allowed("192.0.2.7", 29600)
