@@ -8,14 +8,14 @@ import os
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from . import logger
 from .client.launch import Launch, Spawner, sweep_stale_dirs
-from .client.session import SampleOp, Session
+from .client.sample import SampleOp
+from .client.session import Session
 from .config import PoolSpec, Timeouts
 from .protocol import Job, PoolCancelled, WorkerError
 from .runtime import check_spec
@@ -61,8 +61,7 @@ class WorkerPool:
         """
         child_env = _child_env(env)
         spec, _ = check_spec(spec, child_env)
-        if "DUALPARAL_HEARTBEAT" in child_env and timeouts.heartbeat == Timeouts.heartbeat:
-            timeouts = replace(timeouts, heartbeat=Timeouts.from_env(child_env).heartbeat)
+        timeouts = Timeouts.from_env(child_env, base=timeouts)  # DUALPARAL_*_TIMEOUT where the caller set none
         status = on_status or (lambda s: None)
         launch, box = Launch(spec, timeouts), []
         self = cls._new(spec, timeouts, launch, box)
@@ -100,6 +99,7 @@ class WorkerPool:
         from .channel import KEY_ENV, load_key, parse_address
 
         spec = target if isinstance(target, AttachSpec) else AttachSpec(str(target))
+        timeouts = Timeouts.from_env(os.environ, base=timeouts)
         host, port = parse_address(spec.address)
         hint = ": " + START_HINT.format(env=KEY_ENV, hostport=f"{host}:{port}")
         session = Session.connect(host, port, load_key(authkey), timeouts, f"the DualParal group at {spec.address}",
@@ -175,10 +175,9 @@ class WorkerPool:
         if not isinstance(job, Job):
             raise TypeError(f"expected a dualparal_core.protocol.Job, got {type(job).__name__}")
         if not self.alive:
-            fault = self.session.fault if self._box else None
-            raise WorkerError(None, None, "sample", "this pool is closed or had a fault; start a new one" +
-                              (" (or attach again)." if self.address else ".") +
-                              (f" The fault was: {fault}" if fault else ""))
+            if self._box:
+                raise self.session.closed_error("sample")  # the fault, naming its rank, when there was one
+            raise WorkerError(None, None, "sample", "this pool is closed; start a new one.")
         job.validate(self.config)
         return self.session.run(SampleOp(job, on_progress), should_cancel)
 

@@ -26,7 +26,7 @@ import time
 
 from .. import logger
 from .. import protocol as proto
-from ..config import PoolSpec, Timeouts
+from ..config import TIMEOUT_ENV, PoolSpec, Timeouts
 from ..protocol import PoolCancelled, WorkerError
 
 RANK_MODULE_ENV = "DUALPARAL_RANK_MODULE"
@@ -163,8 +163,9 @@ class Launch:
         if elapsed > self.timeouts.startup:
             raise TimeoutError(
                 f"DualParal workers were not ready after {elapsed:.0f} s (Timeouts.startup="
-                f"{self.timeouts.startup:g} s); still {doing} on {', '.join(self.spec.devices)}. Raise "
-                f"Timeouts.startup if loading the model legitimately takes longer (large checkpoint, slow disk).")
+                f"{self.timeouts.startup:g} s); still {doing} on {', '.join(self.spec.devices)}. If loading the "
+                f"model legitimately takes longer (large checkpoint, slow disk), raise it: set "
+                f"{TIMEOUT_ENV['startup']}=SECONDS in ComfyUI's environment.")
 
     # ------------------------------------------------------------------ deaths
     def poll(self) -> dict[int, int]:
@@ -206,19 +207,34 @@ class Launch:
             return err
         return WorkerError(err.rank, self.spec.devices[err.rank], err.phase, err.cause, err.exc_type)
 
+    def frozen(self, err: WorkerError) -> WorkerError:
+        """A rank named as frozen, with what this parent sees of its process (stopped by a signal, or not)."""
+        err = self._named(err)
+        try:
+            import psutil
+
+            state = psutil.Process(self.procs[err.rank].pid).status()
+        except Exception:  # noqa: BLE001 - gone meanwhile, or no psutil: the heartbeats said enough
+            return err
+        if state in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP):
+            err = WorkerError(err.rank, err.device, err.phase, f"{err.cause} Its process (pid "
+                              f"{self.procs[err.rank].pid}) is stopped (SIGSTOP, Ctrl-Z or a debugger).")
+        return err
+
     def _exited(self, r: int, phase: str, cause: str) -> WorkerError:
         log = tail(self.logs[r])
         return WorkerError(r, self.spec.devices[r], phase, cause + (f"\nLast lines of its log:\n{log}" if log else ""))
 
     # ------------------------------------------------------------------ teardown
-    def teardown(self, polite: bool) -> None:
-        """(``polite``: rank 0 was told to end the group) grace, SIGTERM to every rank's process group, grace,
-        SIGKILL; reap; close the store; remove the files."""
+    def teardown(self, polite: bool, grace: float | None = None) -> None:
+        """(``polite``: rank 0 was told to end the group) grace, SIGTERM (and SIGCONT, so that a stopped rank sees
+        it) to every rank's process group, grace (default ``close_grace``), SIGKILL; reap; close the store; remove
+        the files."""
         with self.lock:
             if self.closed:
                 return
             self.closed = True
-        t0, grace = time.monotonic(), self.timeouts.close_grace
+        t0, grace = time.monotonic(), self.timeouts.close_grace if grace is None else grace
 
         def wait_until(deadline: float) -> bool:
             while time.monotonic() < deadline:
@@ -232,10 +248,11 @@ class Launch:
         for sig, deadline in ((signal.SIGTERM, t0 + grace), (signal.SIGKILL, None)):
             for p in self.procs:
                 # Kill by process group, also after the leader exited: that reaches anything a rank started.
-                try:
-                    os.killpg(p.pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
+                for one in (sig, signal.SIGCONT) if sig == signal.SIGTERM else (sig,):
+                    try:
+                        os.killpg(p.pid, one)
+                    except (ProcessLookupError, PermissionError):
+                        pass
             if deadline is not None and wait_until(deadline):
                 break
         for p in self.procs:

@@ -53,7 +53,7 @@ class Lead:
 
     def __init__(self, rank):
         self.r, self.t = rank, rank.timeouts
-        self.conn, self.client, self.lost, self.closing = None, None, False, False
+        self.conn, self.client, self.lost, self.closing, self.serving = None, None, False, False, False
         self.job_id, self.done, self.total, self.cancel, self.last_preview = None, 0, 0, False, 0.0
         self.beats: dict[int, tuple[bytes, float]] = {}
         self.send_lock, self.fail_lock = threading.Lock(), threading.Lock()
@@ -180,6 +180,13 @@ class Lead:
                 self.r.bcast({"op": proto.OP_NOOP})
 
     def _dispatch(self, msg: dict) -> None:
+        self.serving = msg["op"] in (proto.OP_JOB, proto.OP_DECODE)  # heartbeats for the whole op, gathers included
+        try:
+            self._run_op(msg)
+        finally:
+            self.serving = False
+
+    def _run_op(self, msg: dict) -> None:
         op = msg["op"]
         if op == proto.OP_JOB:
             try:
@@ -245,7 +252,16 @@ class Lead:
         return self.cancel and self.done < self.total
 
     def beat(self, state: dict) -> None:
-        if self.r.busy and self.conn is not None:
+        """From the heartbeat thread: while an op runs, or while the parent waits for an answer that the main thread
+        cannot give (stuck in a collective with a frozen peer), tell it this rank lives and how its peers do. Its
+        absence is how the parent sees that rank 0 itself is frozen."""
+        with self.send_lock:
+            conn = self.conn
+            try:
+                waited = conn is not None and conn.poll(0)  # only looks: the main thread does the reading
+            except (OSError, EOFError):
+                waited = False
+        if conn is not None and (self.r.busy or self.serving or waited):
             self.send(proto.OP_STATUS, **{k: v for k, v in state.items() if k != "n"}, peers=self.peer_states())
 
     # ------------------------------------------------------------------ faults
