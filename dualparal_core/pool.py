@@ -28,7 +28,8 @@ _sweep_stale_dirs = sweep_stale_dirs
 POLL_S = Timeouts.poll
 
 
-def _child_env(env: dict | None) -> dict[str, str]:
+def child_env(env: dict | None) -> dict[str, str]:
+    """The environment of a local pool's ranks: ours, ``env``, the pack on PYTHONPATH, PCI bus order."""
     child = {**os.environ, **(env or {})}
     child["PYTHONPATH"] = os.pathsep.join(
         [PACK_ROOT] + [p for p in child.get("PYTHONPATH", "").split(os.pathsep) if p and p != PACK_ROOT])
@@ -59,16 +60,16 @@ class WorkerPool:
         TimeoutError (not ready within ``timeouts.startup``) or PoolCancelled (``should_abort()`` turned true);
         nothing is left running after any of them.
         """
-        child_env = _child_env(env)
-        spec, _ = check_spec(spec, child_env)
-        timeouts = Timeouts.from_env(child_env, base=timeouts)  # DUALPARAL_*_TIMEOUT where the caller set none
+        env = child_env(env)
+        spec, _ = check_spec(spec, env)
+        timeouts = Timeouts.from_env(env, base=timeouts)  # DUALPARAL_*_TIMEOUT where the caller set none
         status = on_status or (lambda s: None)
         launch, box = Launch(spec, timeouts), []
         self = cls._new(spec, timeouts, launch, box)
         t0 = time.monotonic()
         try:
             status(f"starting {spec.world_size} DualParal worker(s) on {', '.join(spec.devices)}")
-            launch.start(child_env)
+            launch.start(env)
             port = launch.rank0_port(t0, should_abort)
             session = Session.connect("127.0.0.1", port, launch.key, timeouts, "the local DualParal pool", launch)
             box.append(session)
