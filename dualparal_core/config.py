@@ -440,10 +440,24 @@ class PoolSpec:
             raise ValueError("devices is empty; give at least one device (e.g. 'cuda:0' or 'cpu').")
         # one grammar for every caller; a spec names its devices (no 'auto', no address) and holds them normalised
         object.__setattr__(self, "devices", parse_devices(self.devices, attach=False))
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} is not supported; choose one of {list(DTYPES)}.")
-        if self.weights not in WEIGHT_MODES:
-            raise ValueError(f"weights={self.weights!r} is not supported; choose one of {list(WEIGHT_MODES)}.")
+        self.validate()
+
+    def validate(self) -> None:
+        """Every field but the files (check_spec reads those): again for a spec that skipped __post_init__
+        (unpickled, or changed in place), before any pool is stopped or started."""
+        parse_devices(self.devices, attach=False)
+        for name, value, allowed in (("dtype", self.dtype, DTYPES), ("weights", self.weights, WEIGHT_MODES),
+                                     ("attention", self.attention, ATTENTION_BACKENDS)):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not supported; choose one of {list(allowed)}.")
+        m = self.max_in_flight
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise ValueError(f"max_in_flight={m!r} must be a whole number of block-steps >= 1, or None (the number "
+                             f"of ranks + 1).")
+        if self.compile not in (None, True, False):
+            raise ValueError(f"compile={self.compile!r} must be True, False or None (on for GPUs).")
+        if not isinstance(self.source, ModelSource):
+            raise ValueError(f"source must be a ModelSource, got {type(self.source).__name__}.")
 
     @property
     def world_size(self) -> int:
