@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from fault_helpers import fault_env, tiny_job, tiny_spec, wait_gone, worker_procs
@@ -140,3 +141,39 @@ def test_timeout_errors_name_the_knob_that_exists():
     op.s = SimpleNamespace(timeouts=Timeouts(step=3.0), launch=None)
     err = op.hang(4.0, None)
     assert "Timeouts.step=3 s" in str(err) and "DUALPARAL_STEP_TIMEOUT" in str(err)
+
+
+# ---------------------------------------------------------------------------------------------- leftovers
+def test_the_stale_dir_sweep_removes_only_dead_pools_dirs_of_ours(tmp_path, monkeypatch):
+    """Only a dir named dualparal-PID-..., holding the owner mark a pool writes (this host, this pid namespace,
+    the same PID), whose PID is dead: never another instance's live dir, nor a look-alike that is not ours."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    from dualparal_core.client import launch as launch_mod
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = gone.pid
+
+    def make(name: str, mark: dict | None) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "rank0.log").write_text("a log\n")
+        if mark is not None:
+            (d / launch_mod.OWNER_FILE).write_text(json.dumps(mark))
+        return d
+
+    ours = launch_mod.owner_mark(dead)
+    swept = make(f"dualparal-{dead}-abcd1234", ours)
+    live = make("dualparal-1-abcd1234", launch_mod.owner_mark(1))  # pid 1 lives: another instance's pool
+    lookalike = make(f"dualparal-{dead}-backup99", None)  # a dead pid in the name, but nothing says it is ours
+    other_ns = make(f"dualparal-{dead}-ns000000", {**ours, "pidns": "pid:[1]"})  # another container's pids
+    wrong_pid = make(f"dualparal-{dead}-pid00000", launch_mod.owner_mark(dead + 1))
+    launch_mod.sweep_stale_dirs()
+    assert not swept.exists()
+    for kept in (live, lookalike, other_ns, wrong_pid):
+        assert (kept / "rank0.log").exists(), kept.name

@@ -12,12 +12,15 @@ rank's process group, grace, SIGKILL, reap, remove the runtime dir).
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import queue
+import re
 import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -81,19 +84,53 @@ def signame(rc: int) -> str:
         return f"signal {-rc}"
 
 
+OWNER_FILE = "owner.json"
+"""In a pool's runtime dir: who made it (the parent's pid, host, pid namespace); the sweep removes nothing else."""
+_DIR_RE = re.compile(r"dualparal-(\d+)-[a-z0-9_]{8}")  # what mkdtemp(prefix=f"dualparal-{pid}-") makes
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def owner_mark(pid: int) -> dict:
+    """The owner mark of a runtime dir made by process ``pid`` of this host and pid namespace."""
+    return {"pid": int(pid), "host": socket.gethostname(), "pidns": _pid_namespace()}
+
+
+def _stale(path: str, pid: int) -> bool:
+    """Ours (our uid, our mark: this host and pid namespace, the pid of its name) and its parent is gone."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            return False
+        with open(os.path.join(path, OWNER_FILE)) as fh:
+            mark = json.load(fh)
+    except (OSError, ValueError):
+        return False  # not a dir of ours, or not marked: someone else's, never touched
+    if mark != owner_mark(pid):
+        return False  # another host or container (its pids are not ours to judge), or a name that lies
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        pass  # alive under another user
+    return False
+
+
 def sweep_stale_dirs() -> None:
-    """Remove the runtime dirs of parents that died without running their finaliser (SIGKILL, OOM killer)."""
+    """Remove the runtime dirs of our pools whose parent died without running its finaliser (SIGKILL, OOM killer);
+    a live parent's dir, another instance's (another host or pid namespace sharing the temp dir) and any dir
+    without our owner mark are left alone."""
     root = tempfile.gettempdir()
     for name in os.listdir(root):
-        pid = name.split("-")[1] if name.startswith("dualparal-") and name.count("-") == 2 else ""
-        path = os.path.join(root, name)
-        try:
-            if pid.isdigit() and os.stat(path).st_uid == os.getuid():
-                os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except OSError:
-            pass  # alive under another user, or gone meanwhile: not ours to touch
+        m = _DIR_RE.fullmatch(name)
+        if m and _stale(os.path.join(root, name), int(m.group(1))):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 class Launch:
@@ -117,6 +154,8 @@ class Launch:
         sweep_stale_dirs()
         # mode 0700, logs only, removed at close; the pid in the name lets a later pool sweep it if we get killed
         self.rundir = tempfile.mkdtemp(prefix=f"dualparal-{os.getpid()}-")
+        with open(os.path.join(self.rundir, OWNER_FILE), "w") as fh:
+            json.dump(owner_mark(os.getpid()), fh)
         sock = socket.create_server(("127.0.0.1", 0), backlog=64)  # loopback only, a free port
         port = self.store_port = sock.getsockname()[1]
         # the store takes the bound socket over (and closes it with itself)
