@@ -309,7 +309,9 @@ class Lead:
                 if time.monotonic() >= next_beat:
                     self._read_beats()
                     next_beat = time.monotonic() + self.t.heartbeat
-                fault = self.peer_fault()
+                # while an op runs, a frozen peer (stale heartbeats) is a fault too: the group fails, and an attached
+                # group's torchrun agent restarts it (idle or loading, only reports and deaths count)
+                fault = self.peer_fault(stale=self.serving)
                 if fault is not None:
                     self.fail(fault)
 
@@ -379,6 +381,9 @@ class Lead:
                 if st["stale"]:
                     p = self.r.peers[r]
                     return {"rank": r, "device": p["device"], "host": p["host"], "phase": self.r.phase, "type": None,
-                            "traceback": "", "message": f"rank {r} stopped sending heartbeats "
-                                                        f"{st['silent_for']:.0f} s ago (killed, frozen or cut off)."}
+                            "traceback": "", "message": (
+                                f"rank {r} stopped sending heartbeats {st['silent_for']:.0f} s ago (none within 3 x "
+                                f"{self.t.heartbeat:g} s + 1 s; a rank beats from a thread of its own, even while "
+                                f"it computes): it was killed, is frozen (SIGSTOP, a debugger, a hung driver call "
+                                f"holding the GIL) or is cut off.")}
         return None
