@@ -7,8 +7,9 @@ work, so that the node layer, the CLI and the workers all refuse bad input the s
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field, replace
+
+from .devices import AUTO_CPU_RANKS, DEVICE_FORMS, check_visible, parse_devices  # noqa: F401 - the grammar's home
 
 #: Samplers the engine implements, named as ComfyUI's KSampler names them.
 SAMPLER_NAMES: tuple[str, ...] = ("euler", "uni_pc", "uni_pc_bh2", "dpmpp_2m")
@@ -228,14 +229,20 @@ class SamplingConfig:
         return replace(self, **kw)
 
 
+#: The documented environment variables of the timeouts a user may need to raise (seconds), by field.
+TIMEOUT_ENV: dict[str, str] = {"startup": "DUALPARAL_STARTUP_TIMEOUT", "step": "DUALPARAL_STEP_TIMEOUT",
+                               "heartbeat": "DUALPARAL_HEARTBEAT"}
+
+
 @dataclass(frozen=True)
 class Timeouts:
     """Every timing constant of the worker group, in seconds (one place: the parent and the ranks read these)."""
 
     startup: float = 600.0
-    """From spawn until every rank has loaded its weights and reported ready."""
+    """From spawn until every rank has loaded its weights and reported ready; env DUALPARAL_STARTUP_TIMEOUT."""
     step: float = 300.0
-    """Longest silence allowed from a busy group (no progress event) before it is declared hung."""
+    """Longest silence allowed from a busy, alive group (no progress event) before it is declared hung; env
+    DUALPARAL_STEP_TIMEOUT. A frozen rank (no heartbeat) is named sooner, after ``stale_after``."""
     close_grace: float = 5.0
     """After SIGTERM, how long to wait before SIGKILL."""
     heartbeat: float = 2.0
@@ -252,18 +259,36 @@ class Timeouts:
     """Bound on a TCP connect and on the authentication handshake (a firewall dropping packets, a foreign port)."""
     control: float = 6 * 3600.0
     """Timeout of the control group's collectives: the longest a rank may wait for the next op."""
+    cancel_grace: float = 1.0
+    """After a cancel, how long beyond one block-step (the longest seen in the job) the ranks get to stop; then a
+    local pool is torn down and an attached group detached (a rank that does not answer must not hold the queue)."""
+    abort_grace: float = 0.3
+    """Tearing down ranks that did not answer a cancel: SIGTERM to SIGKILL (nothing is left to save)."""
+
+    @property
+    def stale_after(self) -> float:
+        """No heartbeat for this long: the process is frozen (SIGSTOP, a GIL-holding native call) or cut off."""
+        return 3 * self.heartbeat + 1.0
 
     @classmethod
-    def from_env(cls, env) -> Timeouts:
-        """Defaults, with ``DUALPARAL_HEARTBEAT`` (seconds) applied: what a rank started without a spec uses."""
-        raw = env.get("DUALPARAL_HEARTBEAT", "")
-        try:
-            beat = float(raw) if raw else cls.heartbeat
-        except ValueError:
-            raise ValueError(f"DUALPARAL_HEARTBEAT={raw!r} is not a number of seconds (e.g. 2).") from None
-        if not beat > 0:
-            raise ValueError(f"DUALPARAL_HEARTBEAT={raw!r} must be a positive number of seconds (e.g. 2).")
-        return cls(heartbeat=beat)
+    def from_env(cls, env, base: Timeouts | None = None) -> Timeouts:
+        """``base`` (default: the defaults) with the TIMEOUT_ENV variables of ``env`` applied to the fields that
+        ``base`` leaves at their default (what a caller set explicitly wins). The one place they are read."""
+        base = base or cls()
+        changes = {}
+        for name, var in TIMEOUT_ENV.items():
+            raw = str(env.get(var) or "").strip()
+            if not raw or getattr(base, name) != getattr(cls, name):
+                continue
+            try:
+                value = float(raw)
+            except ValueError:
+                value = math.nan
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{var}={raw!r} must be a positive number of seconds (default "
+                                 f"{getattr(cls, name):g}).")
+            changes[name] = value
+        return replace(base, **changes)
 
 
 @dataclass(frozen=True)
@@ -316,81 +341,6 @@ class ModelSource:
         return [e for e in self.loras if (str(e[2]).lower() if len(e) > 2 else "both") in want]
 
 
-# ---------------------------------------------------------------------------------------------- devices
-#: What ``devices="auto"`` means where no GPU is visible: two CPU ranks over gloo, enough to try the pipeline.
-AUTO_CPU_RANKS = 2
-DEVICE_FORMS = ("use 'auto', GPU indices like '0,1' (or 'cuda:0,cuda:1'), 'cpu:N' (N CPU ranks) or "
-                "'tcp://HOST:PORT' (a torchrun-started group)")
-_DEVICE_RE = re.compile(r"(?:cuda:)?(\d+)|cpu(?::(\d+))?")
-
-
-def parse_devices(text: str | tuple[str, ...], gpu_count: int | None = None, *, name: str = "devices",
-                  attach: bool = True) -> tuple[str, ...]:
-    """The one ``devices`` grammar -> one torch device per rank ("cuda:N" or "cpu"), or ``("tcp://HOST:PORT",)``.
-
-    Forms (any case and spacing; a tuple reads as its comma-joined items): ``auto`` (the caller's ``gpu_count``
-    GPUs, or AUTO_CPU_RANKS CPU ranks; refused when ``gpu_count`` is None); GPU indices ``0,1,3`` or
-    ``cuda:0,cuda:1``; ``cpu`` or ``cpu:N`` (N CPU ranks); ``tcp://HOST:PORT`` (refused unless ``attach``).
-    :func:`check_visible` then refuses GPUs the caller does not see. ``name``: how errors name the input."""
-    raw = text if isinstance(text, str) else ",".join(map(str, text))
-    shown = repr(text) if isinstance(text, str) else repr(list(text))
-    s = raw.strip().lower().replace(" ", "")
-    if s in ("", "auto"):
-        if gpu_count is None:
-            raise ValueError(f"{name}={shown} depends on the GPUs a process sees; name the devices here "
-                             f"(e.g. 'cuda:0,cuda:1' or 'cpu:2').")
-        return tuple(f"cuda:{i}" for i in range(gpu_count)) if gpu_count else ("cpu",) * AUTO_CPU_RANKS
-    if s.startswith("tcp://"):
-        return (_attach_address(raw, shown, name, attach),)
-    devices: list[str] = []
-    for part in s.split(","):
-        m = _DEVICE_RE.fullmatch(part)
-        if part and not m:
-            raise ValueError(f"{name}={shown}: {part!r} is not a GPU index; {DEVICE_FORMS}.")
-        if m and m.group(1) is not None:
-            devices.append(f"cuda:{int(m.group(1))}")
-        elif m:
-            n = int(m.group(2) or 1)
-            if n < 1:
-                raise ValueError(f"{name}={shown} asks for {n} CPU ranks; use cpu:1 or more.")
-            devices += ["cpu"] * n
-    if not devices:
-        raise ValueError(f"{name}={shown} names no device; {DEVICE_FORMS}.")
-    if len({d == "cpu" for d in devices}) > 1:
-        raise ValueError(f"{name}={shown} mixes GPUs and CPU ranks; use only GPUs (e.g. '0,1') or only CPU ranks "
-                         f"(e.g. 'cpu:2').")
-    if devices[0] != "cpu" and len(set(devices)) != len(devices):
-        raise ValueError(f"{name}={shown} lists a GPU twice; each rank needs its own GPU.")
-    return tuple(devices)
-
-
-def check_visible(devices: tuple[str, ...], visible: int, *, shown: str, name: str = "devices",
-                  seen_by: str = "this process sees", cuda_visible: str | None = None) -> None:
-    """Refuse GPUs of :func:`parse_devices`' result that ``seen_by`` does not see: it sees ``visible`` CUDA
-    devices under CUDA_VISIBLE_DEVICES=``cuda_visible`` (None: unset). ``shown``: the input as the user wrote it."""
-    missing = [d for d in devices if d.startswith("cuda:") and int(d[5:]) >= visible]
-    if missing:
-        cvd = "unset" if cuda_visible is None else repr(cuda_visible)
-        among = f"cuda:0..cuda:{visible - 1}" if visible else "'cpu:N' (no GPU)"
-        raise ValueError(f"{name}={shown} names {', '.join(missing)}, but {seen_by} {visible} CUDA device(s) "
-                         f"(CUDA_VISIBLE_DEVICES={cvd}; in ComfyUI --cuda-device sets it). Use devices among "
-                         f"{among}, or make more GPUs visible.")
-
-
-def _attach_address(raw: str, shown: str, name: str, attach: bool) -> str:
-    """``tcp://HOST:PORT`` as given, after the address check of the attach side."""
-    if not attach:
-        raise ValueError(f"{name}={shown} names a torchrun-started group, but this starts its own ranks: use "
-                         f"'auto', GPU indices like '0,1' or 'cpu:N' (attach from ComfyUI's DualParal Loader).")
-    from .channel import parse_address
-
-    try:
-        parse_address(raw)
-    except ValueError as e:
-        raise ValueError(f"{name}={shown}: {e}") from None
-    return raw.strip()
-
-
 @dataclass(frozen=True)
 class PoolSpec:
     """What a worker group runs: the model, the devices (one rank each), the compute dtype and attention backend."""
@@ -418,13 +368,24 @@ class PoolSpec:
             raise ValueError("devices is empty; give at least one device (e.g. 'cuda:0' or 'cpu').")
         # one grammar for every caller; a spec names its devices (no 'auto', no address) and holds them normalised
         object.__setattr__(self, "devices", parse_devices(self.devices, attach=False))
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} is not supported; choose one of {list(DTYPES)}.")
-        if self.weights not in WEIGHT_MODES:
-            raise ValueError(f"weights={self.weights!r} is not supported; choose one of {list(WEIGHT_MODES)}.")
-        if self.attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention={self.attention!r} is not supported; choose one of "
-                             f"{list(ATTENTION_BACKENDS)} ('auto' picks the fastest that is installed).")
+        self.validate()
+
+    def validate(self) -> None:
+        """Every field but the files (check_spec reads those): again for a spec that skipped __post_init__
+        (unpickled, or changed in place), before any pool is stopped or started."""
+        parse_devices(self.devices, attach=False)
+        for name, value, allowed in (("dtype", self.dtype, DTYPES), ("weights", self.weights, WEIGHT_MODES),
+                                     ("attention", self.attention, ATTENTION_BACKENDS)):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not supported; choose one of {list(allowed)}.")
+        m = self.max_in_flight
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise ValueError(f"max_in_flight={m!r} must be a whole number of block-steps >= 1, or None (the number "
+                             f"of ranks + 1).")
+        if self.compile not in (None, True, False):
+            raise ValueError(f"compile={self.compile!r} must be True, False or None (on for GPUs).")
+        if not isinstance(self.source, ModelSource):
+            raise ValueError(f"source must be a ModelSource, got {type(self.source).__name__}.")
 
     @property
     def world_size(self) -> int:

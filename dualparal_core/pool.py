@@ -8,14 +8,14 @@ import os
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from . import logger
 from .client.launch import Launch, Spawner, sweep_stale_dirs
-from .client.session import SampleOp, Session
+from .client.sample import SampleOp
+from .client.session import Session
 from .config import PoolSpec, Timeouts
 from .protocol import Job, PoolCancelled, WorkerError
 from .runtime import check_spec
@@ -28,7 +28,8 @@ _sweep_stale_dirs = sweep_stale_dirs
 POLL_S = Timeouts.poll
 
 
-def _child_env(env: dict | None) -> dict[str, str]:
+def child_env(env: dict | None) -> dict[str, str]:
+    """The environment of a local pool's ranks: ours, ``env``, the pack on PYTHONPATH, PCI bus order."""
     child = {**os.environ, **(env or {})}
     child["PYTHONPATH"] = os.pathsep.join(
         [PACK_ROOT] + [p for p in child.get("PYTHONPATH", "").split(os.pathsep) if p and p != PACK_ROOT])
@@ -59,17 +60,16 @@ class WorkerPool:
         TimeoutError (not ready within ``timeouts.startup``) or PoolCancelled (``should_abort()`` turned true);
         nothing is left running after any of them.
         """
-        child_env = _child_env(env)
-        spec, _ = check_spec(spec, child_env)
-        if "DUALPARAL_HEARTBEAT" in child_env and timeouts.heartbeat == Timeouts.heartbeat:
-            timeouts = replace(timeouts, heartbeat=Timeouts.from_env(child_env).heartbeat)
+        env = child_env(env)
+        spec, _ = check_spec(spec, env)
+        timeouts = Timeouts.from_env(env, base=timeouts)  # DUALPARAL_*_TIMEOUT where the caller set none
         status = on_status or (lambda s: None)
         launch, box = Launch(spec, timeouts), []
         self = cls._new(spec, timeouts, launch, box)
         t0 = time.monotonic()
         try:
             status(f"starting {spec.world_size} DualParal worker(s) on {', '.join(spec.devices)}")
-            launch.start(child_env)
+            launch.start(env)
             port = launch.rank0_port(t0, should_abort)
             session = Session.connect("127.0.0.1", port, launch.key, timeouts, "the local DualParal pool", launch)
             box.append(session)
@@ -100,6 +100,7 @@ class WorkerPool:
         from .channel import KEY_ENV, check_allowed, load_key, parse_address
 
         spec = target if isinstance(target, AttachSpec) else AttachSpec(str(target))
+        timeouts = Timeouts.from_env(os.environ, base=timeouts)
         host, port = parse_address(spec.address)
         check_allowed(host, port)  # before the key is read or anything is contacted
         hint = ": " + START_HINT.format(env=KEY_ENV, hostport=f"{host}:{port}")
@@ -176,10 +177,9 @@ class WorkerPool:
         if not isinstance(job, Job):
             raise TypeError(f"expected a dualparal_core.protocol.Job, got {type(job).__name__}")
         if not self.alive:
-            fault = self.session.fault if self._box else None
-            raise WorkerError(None, None, "sample", "this pool is closed or had a fault; start a new one" +
-                              (" (or attach again)." if self.address else ".") +
-                              (f" The fault was: {fault}" if fault else ""))
+            if self._box:
+                raise self.session.closed_error("sample")  # the fault, naming its rank, when there was one
+            raise WorkerError(None, None, "sample", "this pool is closed; start a new one.")
         job.validate(self.config)
         return self.session.run(SampleOp(job, on_progress), should_cancel)
 

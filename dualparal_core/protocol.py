@@ -116,6 +116,13 @@ def read_store(kind: str, raw: bytes) -> dict | None:
     return value
 
 
+MAX_CONTEXT_TOKENS = 8 * 512
+"""Text tokens a job's block-steps may attend to, after cond and uncond are padded to one length (their lcm): the
+umt5 prompt ComfyUI makes is 512 tokens; eight times that is already eight times the text K/V of every layer."""
+RANK0_LATENT_COPIES = 4
+"""How many float32 copies of the whole latent video rank 0's host holds while sampling (a bound, for the check)."""
+
+
 @dataclass
 class Job:
     """One sampling request: B videos of shape ``shape`` (latent frames T), in the model's normalised space."""
@@ -161,6 +168,8 @@ class Job:
                                  f"[1, tokens, {config.text_dim}] (umt5-xxl text embeddings for Wan).")
             if not torch.isfinite(ctx).all():
                 raise ValueError(f"{name} conditioning contains NaN or infinite values.")
+        self._check_tokens()
+        self._check_memory()
         for name, tens in (("latent_image", self.latent), ("noise", self.noise)):
             if tens is None:
                 continue
@@ -168,6 +177,40 @@ class Job:
                 raise ValueError(f"{name} has shape {tuple(tens.shape)}, expected {tuple(self.shape)}.")
             if not torch.isfinite(tens).all():
                 raise ValueError(f"{name} contains NaN or infinite values; it cannot be sampled from.")
+
+    def _check_tokens(self) -> None:
+        """The text every block-step attends to: cond and uncond repeated to their lcm (pad_contexts)."""
+        a = self.cond.shape[1]
+        b = self.uncond.shape[1] if self.uncond is not None else None
+        n = a if b is None else a * b // math.gcd(a, b)
+        if n <= MAX_CONTEXT_TOKENS:
+            return
+        fix = ("Keep each prompt within 512 tokens (CLIP Text Encode pads a shorter Wan prompt to 512, so both come "
+               "out the same length), or give both the same number of tokens.")
+        if b is None:
+            raise ValueError(f"positive has {a} tokens, more than the {MAX_CONTEXT_TOKENS} (8 x 512) the sampler "
+                             f"accepts. {fix}")
+        raise ValueError(f"positive has {a} tokens and negative {b}: with CFG both are repeated to their least "
+                         f"common multiple, {n} tokens, more than the {MAX_CONTEXT_TOKENS} (8 x 512) the sampler "
+                         f"accepts. {fix}")
+
+    def _check_memory(self) -> None:
+        """Rank 0 holds the whole video in float32 a few times (latents, noise, result, transfer): refuse what this
+        host's free RAM cannot hold before anything allocates it (a clear sentence, not an allocator error)."""
+        latent = math.prod(self.shape) * 4
+        need = RANK0_LATENT_COPIES * latent
+        try:
+            import psutil
+
+            avail = psutil.virtual_memory().available
+        except Exception:  # noqa: BLE001 - no psutil (or no /proc): the allocator will say it
+            return
+        if need > avail:
+            gib = 1024**3
+            raise ValueError(f"latent_image {list(self.shape)} is {latent / gib:.1f} GiB in float32; sampling "
+                             f"holds about {RANK0_LATENT_COPIES} copies of it ({need / gib:.1f} GiB) on rank 0's "
+                             f"host, which has {avail / gib:.1f} GiB of RAM available. Use fewer frames (length), "
+                             f"a smaller width/height or a smaller batch.")
 
     @property
     def num_block_steps(self) -> int:

@@ -66,6 +66,7 @@ def check_spec(spec: PoolSpec, env: dict[str, str]) -> tuple[PoolSpec, WanConfig
     """Every check that can run before a process starts; returns the spec with an absolute model path."""
     if not isinstance(spec, PoolSpec):
         raise TypeError(f"expected a PoolSpec, got {type(spec).__name__}")
+    spec.validate()  # every field, also for a spec that skipped __post_init__ (unpickled)
     src, config = check_source(spec.source)
     spec = replace(spec, source=src)
     split_layers(config.num_layers, spec.world_size)

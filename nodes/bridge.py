@@ -132,12 +132,27 @@ def _start_pool(spec, **kw):
     from dualparal_core.attach import AttachSpec
     from dualparal_core.pool import WorkerPool
 
+    timeouts = Timeouts.from_env(os.environ)  # DUALPARAL_STARTUP_TIMEOUT, DUALPARAL_STEP_TIMEOUT, ...
     if isinstance(spec, AttachSpec):  # devices=tcp://HOST:PORT: close() detaches, the group keeps running
-        return WorkerPool.attach(spec, Timeouts(), **kw)
-    return WorkerPool.start(spec, Timeouts(), **kw)
+        return WorkerPool.attach(spec, timeouts, **kw)
+    return WorkerPool.start(spec, timeouts, **kw)
 
 
-REGISTRY = PoolRegistry(_start_pool, _free_comfy_vram)
+def _check_spec(spec) -> None:
+    """Every check that can run here (fields, files' headers, GPUs, timeouts), before the registry stops a pool."""
+    from dualparal_core.attach import AttachSpec
+    from dualparal_core.pool import child_env
+    from dualparal_core.runtime import check_spec
+
+    Timeouts.from_env(os.environ)
+    if isinstance(spec, AttachSpec):  # the group finds the files on its own hosts
+        if spec.model is not None:
+            spec.model.validate()
+        return
+    check_spec(spec, child_env(None))
+
+
+REGISTRY = PoolRegistry(_start_pool, _free_comfy_vram, _check_spec)
 
 
 def _unload_all_models_and_pools(*args, **kwargs):

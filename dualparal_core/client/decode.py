@@ -46,6 +46,7 @@ import torch
 from .. import logger
 from .. import protocol as proto
 from ..channel import authenticate, dumps, loads
+from ..config import TIMEOUT_ENV
 from ..decode import MIN_SPEEDUP, FrameSink, count_blocks, fingerprint, plan_spans, weights_to_cpu
 from ..protocol import DecodeError, PoolCancelled, WorkerError
 from .session import Lost, Session
@@ -127,6 +128,9 @@ class DecodeOp:
         self.done: dict[int, dict] = {}
         self.failed: dict[int, dict] = {}
         self.cancelling = False
+        self.framed: set[int] = set()
+        self.step_s: float | None = None
+        """The longest interval between two blocks of one rank: how long a cancel may take to be obeyed."""
 
     # ------------------------------------------------------------------ the session's hooks
     def begin(self, session: Session, jid: int) -> None:
@@ -184,8 +188,12 @@ class DecodeOp:
                 self.report.weights_sent += msg["need_weights"]
                 self._send(with_weights=True)
             return False
-        rank = self.conns.get(src, msg.get("rank"))
-        self.seen[rank] = time.monotonic()
+        rank, now = self.conns.get(src, msg.get("rank")), time.monotonic()
+        if rank in self.framed:  # a rank's first block holds its priming: one decode step is a later interval
+            self.step_s = max(self.step_s or 0.0, now - self.seen[rank])
+        if msg["op"] == proto.OP_FRAMES:
+            self.framed.add(rank)
+        self.seen[rank] = now
         if msg["op"] == proto.OP_FRAMES and not self.cancelling:
             self.sink.put(msg["video"], msg["frame"], msg["frames"])
             self.report.blocks += 1
@@ -220,7 +228,8 @@ class DecodeOp:
     def hang(self, silent_s: float, status: dict | None) -> WorkerError:
         r = min((r for r in range(len(self.spans)) if r not in self.done), key=lambda r: self.seen[r])
         return WorkerError(r, self.devices[r], "decode", f"no decoded block for {silent_s:.0f} s (Timeouts.step="
-                           f"{self.s.timeouts.step:g} s); raise Timeouts.step if one block legitimately takes longer.")
+                           f"{self.s.timeouts.step:g} s); if one block legitimately takes longer, raise it: set "
+                           f"{TIMEOUT_ENV['step']}=SECONDS in ComfyUI's environment.")
 
     def end(self) -> None:
         self.server.close()

@@ -12,12 +12,15 @@ rank's process group, grace, SIGKILL, reap, remove the runtime dir).
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import queue
+import re
 import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -26,7 +29,7 @@ import time
 
 from .. import logger
 from .. import protocol as proto
-from ..config import PoolSpec, Timeouts
+from ..config import TIMEOUT_ENV, PoolSpec, Timeouts
 from ..protocol import PoolCancelled, WorkerError
 
 RANK_MODULE_ENV = "DUALPARAL_RANK_MODULE"
@@ -81,19 +84,53 @@ def signame(rc: int) -> str:
         return f"signal {-rc}"
 
 
+OWNER_FILE = "owner.json"
+"""In a pool's runtime dir: who made it (the parent's pid, host, pid namespace); the sweep removes nothing else."""
+_DIR_RE = re.compile(r"dualparal-(\d+)-[a-z0-9_]{8}")  # what mkdtemp(prefix=f"dualparal-{pid}-") makes
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def owner_mark(pid: int) -> dict:
+    """The owner mark of a runtime dir made by process ``pid`` of this host and pid namespace."""
+    return {"pid": int(pid), "host": socket.gethostname(), "pidns": _pid_namespace()}
+
+
+def _stale(path: str, pid: int) -> bool:
+    """Ours (our uid, our mark: this host and pid namespace, the pid of its name) and its parent is gone."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            return False
+        with open(os.path.join(path, OWNER_FILE)) as fh:
+            mark = json.load(fh)
+    except (OSError, ValueError):
+        return False  # not a dir of ours, or not marked: someone else's, never touched
+    if mark != owner_mark(pid):
+        return False  # another host or container (its pids are not ours to judge), or a name that lies
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        pass  # alive under another user
+    return False
+
+
 def sweep_stale_dirs() -> None:
-    """Remove the runtime dirs of parents that died without running their finaliser (SIGKILL, OOM killer)."""
+    """Remove the runtime dirs of our pools whose parent died without running its finaliser (SIGKILL, OOM killer);
+    a live parent's dir, another instance's (another host or pid namespace sharing the temp dir) and any dir
+    without our owner mark are left alone."""
     root = tempfile.gettempdir()
     for name in os.listdir(root):
-        pid = name.split("-")[1] if name.startswith("dualparal-") and name.count("-") == 2 else ""
-        path = os.path.join(root, name)
-        try:
-            if pid.isdigit() and os.stat(path).st_uid == os.getuid():
-                os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except OSError:
-            pass  # alive under another user, or gone meanwhile: not ours to touch
+        m = _DIR_RE.fullmatch(name)
+        if m and _stale(os.path.join(root, name), int(m.group(1))):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 class Launch:
@@ -117,6 +154,8 @@ class Launch:
         sweep_stale_dirs()
         # mode 0700, logs only, removed at close; the pid in the name lets a later pool sweep it if we get killed
         self.rundir = tempfile.mkdtemp(prefix=f"dualparal-{os.getpid()}-")
+        with open(os.path.join(self.rundir, OWNER_FILE), "w") as fh:
+            json.dump(owner_mark(os.getpid()), fh)
         sock = socket.create_server(("127.0.0.1", 0), backlog=64)  # loopback only, a free port
         port = self.store_port = sock.getsockname()[1]
         # the store takes the bound socket over (and closes it with itself)
@@ -163,8 +202,9 @@ class Launch:
         if elapsed > self.timeouts.startup:
             raise TimeoutError(
                 f"DualParal workers were not ready after {elapsed:.0f} s (Timeouts.startup="
-                f"{self.timeouts.startup:g} s); still {doing} on {', '.join(self.spec.devices)}. Raise "
-                f"Timeouts.startup if loading the model legitimately takes longer (large checkpoint, slow disk).")
+                f"{self.timeouts.startup:g} s); still {doing} on {', '.join(self.spec.devices)}. If loading the "
+                f"model legitimately takes longer (large checkpoint, slow disk), raise it: set "
+                f"{TIMEOUT_ENV['startup']}=SECONDS in ComfyUI's environment.")
 
     # ------------------------------------------------------------------ deaths
     def poll(self) -> dict[int, int]:
@@ -206,19 +246,34 @@ class Launch:
             return err
         return WorkerError(err.rank, self.spec.devices[err.rank], err.phase, err.cause, err.exc_type)
 
+    def frozen(self, err: WorkerError) -> WorkerError:
+        """A rank named as frozen, with what this parent sees of its process (stopped by a signal, or not)."""
+        err = self._named(err)
+        try:
+            import psutil
+
+            state = psutil.Process(self.procs[err.rank].pid).status()
+        except Exception:  # noqa: BLE001 - gone meanwhile, or no psutil: the heartbeats said enough
+            return err
+        if state in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP):
+            err = WorkerError(err.rank, err.device, err.phase, f"{err.cause} Its process (pid "
+                              f"{self.procs[err.rank].pid}) is stopped (SIGSTOP, Ctrl-Z or a debugger).")
+        return err
+
     def _exited(self, r: int, phase: str, cause: str) -> WorkerError:
         log = tail(self.logs[r])
         return WorkerError(r, self.spec.devices[r], phase, cause + (f"\nLast lines of its log:\n{log}" if log else ""))
 
     # ------------------------------------------------------------------ teardown
-    def teardown(self, polite: bool) -> None:
-        """(``polite``: rank 0 was told to end the group) grace, SIGTERM to every rank's process group, grace,
-        SIGKILL; reap; close the store; remove the files."""
+    def teardown(self, polite: bool, grace: float | None = None) -> None:
+        """(``polite``: rank 0 was told to end the group) grace, SIGTERM (and SIGCONT, so that a stopped rank sees
+        it) to every rank's process group, grace (default ``close_grace``), SIGKILL; reap; close the store; remove
+        the files."""
         with self.lock:
             if self.closed:
                 return
             self.closed = True
-        t0, grace = time.monotonic(), self.timeouts.close_grace
+        t0, grace = time.monotonic(), self.timeouts.close_grace if grace is None else grace
 
         def wait_until(deadline: float) -> bool:
             while time.monotonic() < deadline:
@@ -232,10 +287,11 @@ class Launch:
         for sig, deadline in ((signal.SIGTERM, t0 + grace), (signal.SIGKILL, None)):
             for p in self.procs:
                 # Kill by process group, also after the leader exited: that reaches anything a rank started.
-                try:
-                    os.killpg(p.pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
+                for one in (sig, signal.SIGCONT) if sig == signal.SIGTERM else (sig,):
+                    try:
+                        os.killpg(p.pid, one)
+                    except (ProcessLookupError, PermissionError):
+                        pass
             if deadline is not None and wait_until(deadline):
                 break
         for p in self.procs:

@@ -1,8 +1,8 @@
 """The one client session: the parent's authenticated connection to rank 0 of a group, local or torchrun-started.
 
 It attaches (connect, authenticate, hello with the model, wait until every rank loaded it), runs ops one at a time
-through one loop (:meth:`Session.run`: sampling here, Block Decode in :mod:`.decode`), cancels, names the rank that
-failed or hung, and detaches. A local pool's session also owns the :class:`~.launch.Launch` of its ranks: then the
+through one loop (:meth:`Session.run`: sampling in :mod:`.sample`, Block Decode in :mod:`.decode`), cancels, names
+the rank that failed, froze or hung, and detaches. A local pool's session also owns the :class:`~.launch.Launch` of its ranks: then the
 exit codes of its own children join the diagnosis, and closing the session ends the ranks.
 """
 
@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, wait
 from typing import NoReturn
@@ -22,9 +23,10 @@ import torch
 from .. import __version__, logger
 from .. import protocol as proto
 from ..channel import KEY_ENV, authenticate, dumps, loads
-from ..config import Timeouts
-from ..protocol import AttachError, Job, PoolCancelled, WorkerError
+from ..config import TIMEOUT_ENV, Timeouts
+from ..protocol import AttachError, PoolCancelled, WorkerError
 from .launch import Launch
+from .sample import SampleOp  # noqa: F401 - re-exported: the sampling op of Session.run
 
 
 class Lost(Exception):
@@ -42,6 +44,8 @@ class Session:
         self.status: dict | None = None
         self.job_id, self.healthy, self.closed, self.fault = 0, True, False, None
         self.busy, self.cancel_flag = threading.Lock(), threading.Event()
+        self.cancel_at: float | None = None
+        self.heard = time.monotonic()
 
     # ------------------------------------------------------------------ attach
     @classmethod
@@ -88,8 +92,8 @@ class Session:
                         f"{self.label} was not ready after {time.monotonic() - t0:.0f} s (Timeouts.startup="
                         f"{self.timeouts.startup:g} s): it is still loading the model" +
                         ("" if self.launch else ", or serving another job first") +
-                        ". Raise Timeouts.startup if loading the model legitimately takes longer (large "
-                        "checkpoint, slow disk).")
+                        f". If loading the model legitimately takes longer (large checkpoint, slow disk), raise "
+                        f"it: set {TIMEOUT_ENV['startup']}=SECONDS in ComfyUI's environment.")
         except Lost:
             if self.launch is not None:
                 raise self.launch.diagnose("load") from None
@@ -133,26 +137,34 @@ class Session:
 
     @property
     def alive(self) -> bool:
-        if not self.healthy or self.closed or (self.launch is not None and not self.launch.alive()):
+        if not self.healthy or self.closed:
             return False
-        if self.busy.acquire(blocking=False):  # idle: a report or an EOF that arrived meanwhile means a fault
-            try:
-                while self.healthy and self.conn.poll(0):
-                    msg = self.recv(0)
-                    if msg is not None and msg["op"] == proto.OP_ERROR:
-                        self.fault, self.healthy = self.error(msg, "idle"), False
-            except (Lost, OSError):
-                self.healthy = False
-            finally:
-                self.busy.release()
+        if not self.busy.acquire(blocking=False):  # a job runs: its loop names any fault
+            return self.launch is None or self.launch.alive()
+        try:  # idle: a report, an EOF or a rank's exit that came meanwhile is a fault, named now
+            report = None
+            while self.healthy and self.conn.poll(0):
+                msg = self.recv(0)
+                if msg is not None and msg["op"] == proto.OP_ERROR:
+                    report = msg
+                    self.fault, self.healthy = self.error(msg, "idle"), False
+        except (Lost, OSError):
+            self.healthy = False
+        finally:
+            self.busy.release()
+        if self.launch is not None and (not self.healthy or not self.launch.alive()):
+            if self.fault is None or report is not None:
+                self.fault = self.launch.diagnose("idle", report)  # which rank, killed by what, its log
+            self.healthy = False
+            self.close()
+            logger.warning("DualParal: %s failed while idle: %s", self.label, self.fault)
         return self.healthy
 
     # ------------------------------------------------------------------ the one run loop
     def run(self, op, should_cancel: Callable[[], bool] | None):
         """Run ``op`` (an object with begin/handle/cancel/links/finish, see SampleOp) to its end."""
         if not self.alive:
-            raise WorkerError(None, None, op.phase, f"{self.label} is closed or had a fault; start a new one (or "
-                              f"attach again)." + (f" The fault was: {self.fault}" if self.fault else ""))
+            raise self.closed_error(op.phase)
         if not self.busy.acquire(blocking=False):
             raise RuntimeError("This DualParal pool is already running a job; one job at a time.")
         self.cancel_flag.clear()
@@ -161,32 +173,36 @@ class Session:
         finally:
             self.busy.release()
 
+    def closed_error(self, phase: str) -> WorkerError:
+        """What a closed or faulted session answers: the fault itself (its rank, its cause) when there was one."""
+        again = " (or attach again)." if self.launch is None else "."
+        f = self.fault
+        if f is None:
+            return WorkerError(None, None, phase, f"{self.label} is closed or had a fault; start a new one{again}")
+        return WorkerError(f.rank, f.device, f.phase, f"{f.cause}\n{self.label} was closed after that fault; start "
+                           f"a new one{again}", f.exc_type)
+
     def _loop(self, op, should_cancel):
         self.job_id += 1
-        cancel_at = None
+        self.cancel_at = None
         try:
             op.begin(self, self.job_id)
+            self.heard = time.monotonic()  # the last message from rank 0: heartbeats flow while an op runs
             while True:
                 for src, msg in self._pump(op):
-                    if src is self.conn and msg["op"] == proto.OP_ERROR:
-                        if msg.get("recoverable"):
-                            raise ValueError(msg["message"])
-                        self.fail(self.error(msg, op.phase))
+                    if src is self.conn:
+                        self.heard = time.monotonic()
+                        if msg["op"] == proto.OP_ERROR:
+                            if msg.get("recoverable"):
+                                raise ValueError(msg["message"])
+                            self.fail(self.error(msg, op.phase))
                     if src is self.conn and msg["op"] == proto.OP_STATUS:
-                        self.status = msg
+                        self._status(op, msg)
                     elif op.handle(src, msg):
-                        return op.finish(cancel_at is not None)
+                        return op.finish(self.cancel_at is not None)
                 if self.launch is not None:
                     self.launch.check(op.phase)
-                now = time.monotonic()
-                if cancel_at is None and (self.cancel_flag.is_set() or (should_cancel is not None and should_cancel())
-                                          or op.wants_cancel()):
-                    op.cancel()
-                    cancel_at = now
-                if cancel_at is not None and now - cancel_at > self.timeouts.step:
-                    raise self._uncooperative(op.phase)
-                if now - op.last > self.timeouts.step:
-                    self.fail(op.hang(now - op.last, self.status))
+                self._watch(op, should_cancel)
         except (PoolCancelled, ValueError, WorkerError, torch.OutOfMemoryError, proto.DecodeError):
             raise
         except (Lost, OSError) as exc:
@@ -199,6 +215,49 @@ class Session:
             raise
         finally:
             op.end()
+
+    def _watch(self, op, should_cancel) -> None:
+        """The clocks of a running op: cancel (and its deadline), a frozen rank 0, a silent group."""
+        now = time.monotonic()
+        if self.cancel_at is None and (self.cancel_flag.is_set() or (should_cancel is not None and should_cancel())
+                                       or op.wants_cancel()):
+            op.cancel()
+            self.cancel_at = now
+        if self.cancel_at is not None and self._cancel_overdue(op, now):
+            raise self._uncooperative(op)
+        if now - self.heard > self.stale_after:
+            self.fail(self.frozen(op.phase, 0, now - self.heard, None))
+        if now - op.last > self.timeouts.step:
+            self.fail(op.hang(now - op.last, self.status))
+
+    def _status(self, op, msg: dict) -> None:
+        """Rank 0's heartbeat: a peer it marks stale (no heartbeat in the store) is frozen or cut off."""
+        self.status = msg
+        stale = {r: p for r, p in (msg.get("peers") or {}).items() if p.get("stale")}
+        if stale:
+            r = max(stale, key=lambda k: stale[k]["silent_for"])
+            self.fail(self.frozen(op.phase, r, stale[r]["silent_for"], stale[r].get("where")))
+
+    @property
+    def stale_after(self) -> float:
+        """No message from rank 0 for this long while an op runs: it is frozen (its group's heartbeat counts)."""
+        group = [i.get("heartbeat") or 0.0 for i in self.ready_info[:1]]
+        return replace(self.timeouts, heartbeat=max([self.timeouts.heartbeat, *group])).stale_after
+
+    def frozen(self, phase: str, rank: int, silent_s: float, where: str | None) -> WorkerError:
+        err = WorkerError(rank, where, phase, (
+            f"rank {rank} stopped sending heartbeats {silent_s:.0f} s ago (none within {self.stale_after:g} s = 3 x "
+            f"{TIMEOUT_ENV['heartbeat']} + 1 s, though a rank beats from a thread of its own even while it "
+            f"computes): its process is frozen (SIGSTOP, a debugger, a hung driver call holding the GIL) or cut "
+            f"off."))
+        return self.launch.frozen(err) if self.launch is not None else err
+
+    def _cancel_overdue(self, op, now: float) -> bool:
+        """One block-step (the longest this op has shown) + Timeouts.cancel_grace after the cancel; before the op
+        has shown one, only the heartbeat and step clocks apply (a first block-step may include compilation)."""
+        step = op.step_s
+        limit = self.timeouts.step if step is None else step + self.timeouts.cancel_grace
+        return now - self.cancel_at > limit
 
     def _pump(self, op) -> list[tuple[object, dict]]:
         conns = [self.conn, *op.links()]
@@ -213,35 +272,45 @@ class Session:
         return out
 
     def _stop(self, op) -> None:
-        """After the caller's own exception: cancel, wait for the ranks to stop, or close."""
+        """After the caller's own exception: cancel, wait for the ranks to stop (as a cancel would), or close."""
         try:
             op.cancel()
-            end = time.monotonic() + self.timeouts.step
-            while time.monotonic() < end and not op.stopped():
+            self.cancel_at = time.monotonic()
+            while not op.stopped() and not self._cancel_overdue(op, time.monotonic()) and (
+                    time.monotonic() - self.heard <= self.stale_after):
                 for src, msg in self._pump(op):
-                    if src is self.conn and msg["op"] == proto.OP_ERROR:
-                        end = 0
-                        break
+                    if src is self.conn:
+                        self.heard = time.monotonic()
+                        if msg["op"] == proto.OP_ERROR:
+                            raise Lost()
                     op.handle(src, msg)
         except (Lost, OSError, Exception):  # noqa: BLE001 - we are already raising the caller's exception
             pass
         if not op.stopped():
             logger.warning("DualParal: %s did not stop after an interrupted job; closing it", self.label)
             self.healthy = False
-            self.close()
+            self.close(grace=self.timeouts.abort_grace)
 
-    def _uncooperative(self, phase: str) -> PoolCancelled:
-        logger.warning("DualParal: %s did not stop within Timeouts.step=%g s of a cancel; closing it", self.label,
-                       self.timeouts.step)
+    def _uncooperative(self, op) -> PoolCancelled:
+        waited = time.monotonic() - self.cancel_at
+        logger.warning("DualParal: %s did not stop within %.1f s of a cancel; %s", self.label, waited,
+                       "shutting it down" if self.launch else "detaching from it and counting it as failed")
+        self.fault = WorkerError(None, None, op.phase, f"{self.label} did not stop within {waited:.1f} s of a "
+                                 f"cancel (a rank does not answer)")
         self.healthy = False
-        self.close()
-        return PoolCancelled(f"DualParal {phase} was cancelled; {self.label} did not stop within Timeouts.step="
-                             f"{self.timeouts.step:g} s, so " + ("the pool was shut down (the next run starts a new "
-                             "one)." if self.launch else "this process detached from it."))
+        self.close(grace=self.timeouts.abort_grace)
+        return PoolCancelled(f"DualParal {op.phase} was cancelled; {self.label} did not stop within one block-step "
+                             f"+ {self.timeouts.cancel_grace:g} s ({waited:.1f} s), so " + (
+                                 "the pool was shut down (the next run starts a new one)." if self.launch else
+                                 "this process detached from it and counts it as failed: if it does not recover, "
+                                 "restart the group (torchrun --max-restarts restarts it when a rank exits)."))
 
     def fail(self, err: WorkerError) -> NoReturn:
         self.healthy, self.fault = False, err
         self.close()  # fail-stop: a pool that had a fault is never reused
+        if self.cancel_at is not None:  # the user asked to stop: the prompt ends as cancelled, the fault is logged
+            logger.warning("DualParal: after a cancel, %s", err)
+            raise PoolCancelled(f"DualParal {err.phase} was cancelled; meanwhile {err}") from err
         if err.exc_type == "OutOfMemoryError":  # so that the host's OOM handling (ComfyUI's tips) runs
             raise torch.OutOfMemoryError(str(err)) from err
         raise err
@@ -251,8 +320,9 @@ class Session:
                            f"output; a group started with --max-restarts comes back by itself, and the next run "
                            f"attaches again).")
 
-    def close(self) -> None:
-        """Detach (a local pool's ranks then end; the session tears them down). Idempotent."""
+    def close(self, grace: float | None = None) -> None:
+        """Detach (a local pool's ranks then end; the session tears them down, SIGTERM to SIGKILL in ``grace``,
+        default Timeouts.close_grace). Idempotent."""
         if self.closed:
             return
         self.closed = True
@@ -263,74 +333,4 @@ class Session:
                 pass
         self.conn.close()
         if self.launch is not None:
-            self.launch.teardown(polite=self.healthy)
-
-
-class SampleOp:
-    """One sampling job: OP_JOB to rank 0, progress, then the latents."""
-
-    phase = "sample"
-
-    def __init__(self, job: Job, on_progress):
-        self.job, self.on_progress, self.result, self.done_op = job, on_progress, None, None
-
-    def begin(self, session: Session, jid: int) -> None:
-        self.s, self.jid, self.last = session, jid, time.monotonic()
-        session.send({"op": proto.OP_JOB, "job": jid, "payload": self.job})
-
-    def links(self) -> list:
-        return []
-
-    def handle(self, src, msg: dict) -> bool:
-        if msg.get("job") != self.jid:
-            return False
-        if msg["op"] == proto.OP_PROGRESS:
-            self.last = time.monotonic()
-            if self.on_progress is not None:
-                self.on_progress(msg["done"], msg["total"], msg["preview"])
-        elif msg["op"] in (proto.OP_RESULT, proto.OP_CANCELLED):
-            self.done_op = msg
-            return True
-        return False
-
-    def wants_cancel(self) -> bool:
-        return False
-
-    def cancel(self) -> None:
-        self.s.send({"op": proto.OP_CANCEL, "job": self.jid})
-
-    def stopped(self) -> bool:
-        return self.done_op is not None
-
-    def finish(self, cancelled: bool):
-        if cancelled or self.done_op["op"] == proto.OP_CANCELLED:
-            raise PoolCancelled("DualParal sampling was cancelled.")
-        self.s.job_info = self.done_op.get("info", [])
-        return self.done_op["latents"]
-
-    def end(self) -> None:
-        pass
-
-    def hang(self, silent_s: float, status: dict | None) -> WorkerError:
-        """Name the rank the silent group waits for, from rank 0's last heartbeat (its peers' heartbeats)."""
-        advice = (f"no progress for {silent_s:.0f} s (Timeouts.step={self.s.timeouts.step:g} s); raise "
-                  f"Timeouts.step if one block-step legitimately takes longer.")
-        peers = (status or {}).get("peers", {})
-        silent = {r: p["silent_for"] for r, p in peers.items() if p.get("stale")}
-        if silent:
-            r = max(silent, key=silent.get)
-            return self._named(r, peers[r].get("where"),
-                               f"rank {r} stopped responding (no heartbeat for {silent[r]:.0f} s: frozen or stuck "
-                               f"in native code); {advice}")
-        busy = {r: (p["computing_for"], p.get("step")) for r, p in peers.items() if p.get("computing_for") is not None}
-        if status is not None and status.get("computing_for") is not None:
-            busy[0] = (status["computing_for"], status.get("step"))
-        if busy:
-            r = max(busy, key=lambda k: busy[k][0])
-            return self._named(r, None, f"rank {r} stopped responding: it has been computing block-step "
-                                                  f"{busy[r][1]} for {busy[r][0]:.0f} s; {advice}")
-        return WorkerError(None, None, "sample", f"the group stopped responding ({advice})")
-
-    def _named(self, rank: int, where: str | None, cause: str) -> WorkerError:
-        err = WorkerError(rank, where, self.phase, cause)
-        return self.s.launch._named(err) if self.s.launch is not None else err
+            self.launch.teardown(polite=self.healthy, grace=grace)

@@ -53,7 +53,7 @@ class Lead:
 
     def __init__(self, rank):
         self.r, self.t = rank, rank.timeouts
-        self.conn, self.client, self.lost, self.closing = None, None, False, False
+        self.conn, self.client, self.lost, self.closing, self.serving = None, None, False, False, False
         self.job_id, self.done, self.total, self.cancel, self.last_preview = None, 0, 0, False, 0.0
         self.beats: dict[int, tuple[bytes, float]] = {}
         self.send_lock, self.fail_lock = threading.Lock(), threading.Lock()
@@ -180,6 +180,13 @@ class Lead:
                 self.r.bcast({"op": proto.OP_NOOP})
 
     def _dispatch(self, msg: dict) -> None:
+        self.serving = msg["op"] in (proto.OP_JOB, proto.OP_DECODE)  # heartbeats for the whole op, gathers included
+        try:
+            self._run_op(msg)
+        finally:
+            self.serving = False
+
+    def _run_op(self, msg: dict) -> None:
         op = msg["op"]
         if op == proto.OP_JOB:
             try:
@@ -245,7 +252,16 @@ class Lead:
         return self.cancel and self.done < self.total
 
     def beat(self, state: dict) -> None:
-        if self.r.busy and self.conn is not None:
+        """From the heartbeat thread: while an op runs, or while the parent waits for an answer that the main thread
+        cannot give (stuck in a collective with a frozen peer), tell it this rank lives and how its peers do. Its
+        absence is how the parent sees that rank 0 itself is frozen."""
+        with self.send_lock:
+            conn = self.conn
+            try:
+                waited = conn is not None and conn.poll(0)  # only looks: the main thread does the reading
+            except (OSError, EOFError):
+                waited = False
+        if conn is not None and (self.r.busy or self.serving or waited):
             self.send(proto.OP_STATUS, **{k: v for k, v in state.items() if k != "n"}, peers=self.peer_states())
 
     # ------------------------------------------------------------------ faults
@@ -293,7 +309,9 @@ class Lead:
                 if time.monotonic() >= next_beat:
                     self._read_beats()
                     next_beat = time.monotonic() + self.t.heartbeat
-                fault = self.peer_fault()
+                # while an op runs, a frozen peer (stale heartbeats) is a fault too: the group fails, and an attached
+                # group's torchrun agent restarts it (idle or loading, only reports and deaths count)
+                fault = self.peer_fault(stale=self.serving)
                 if fault is not None:
                     self.fail(fault)
 
@@ -363,6 +381,9 @@ class Lead:
                 if st["stale"]:
                     p = self.r.peers[r]
                     return {"rank": r, "device": p["device"], "host": p["host"], "phase": self.r.phase, "type": None,
-                            "traceback": "", "message": f"rank {r} stopped sending heartbeats "
-                                                        f"{st['silent_for']:.0f} s ago (killed, frozen or cut off)."}
+                            "traceback": "", "message": (
+                                f"rank {r} stopped sending heartbeats {st['silent_for']:.0f} s ago (none within 3 x "
+                                f"{self.t.heartbeat:g} s + 1 s; a rank beats from a thread of its own, even while "
+                                f"it computes): it was killed, is frozen (SIGSTOP, a debugger, a hung driver call "
+                                f"holding the GIL) or is cut off.")}
         return None

@@ -267,7 +267,8 @@ class Rank:
         return {**self._me(), **self.load_info, "world": self.world, "gpu_uuid": gpu, "torch": torch.__version__,
                 "python": platform.python_version(), "dualparal": __version__, "load_count": self.load_count,
                 "threads": torch.get_num_threads(), "host_modules": [m for m in HOST_MODULES if m in sys.modules],
-                "pool_id": self.pool_id, "store_port": int(self.env["MASTER_PORT"]) if self.kv else None}
+                "pool_id": self.pool_id, "store_port": int(self.env["MASTER_PORT"]) if self.kv else None,
+                "heartbeat": self.timeouts.heartbeat, "in_flight": getattr(self.engine, "max_in_flight", None)}
 
     # ------------------------------------------------------------------ jobs (every rank)
     def job(self, jid: int, job) -> None:
