@@ -21,6 +21,7 @@ from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection
 
 from .config import Timeouts
+from .devices import parse_address  # noqa: F401 - the address grammar lives with the devices grammar
 from .protocol import AttachError
 
 KEY_ENV = "DUALPARAL_AUTHKEY"
@@ -35,18 +36,6 @@ def dumps(msg: dict) -> bytes:
 
 def loads(data: bytes) -> dict:
     return pickle.loads(data)
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """``tcp://HOST:PORT`` or ``HOST:PORT`` (``[v6]:PORT``) -> (host, port); ValueError naming the form."""
-    raw = str(text).strip()
-    s = raw[6:] if raw.lower().startswith("tcp://") else raw
-    host, _, port = s.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in host:
-        raise ValueError(f"{raw!r} is not a group address; write it as tcp://HOST:PORT (the --serve address of "
-                         f"the torchrun-started group).")
-    return host, int(port)
 
 
 ALLOW_ENV = "DUALPARAL_ATTACH_ALLOW"

@@ -71,10 +71,20 @@ def _attach_address(raw: str, shown: str, name: str, attach: bool) -> str:
     if not attach:
         raise ValueError(f"{name}={shown} names a torchrun-started group, but this starts its own ranks: use "
                          f"'auto', GPU indices like '0,1' or 'cpu:N' (attach from ComfyUI's DualParal Loader).")
-    from .channel import parse_address
-
     try:
         parse_address(raw)
     except ValueError as e:
         raise ValueError(f"{name}={shown}: {e}") from None
     return raw.strip()
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``tcp://HOST:PORT`` or ``HOST:PORT`` (``[v6]:PORT``) -> (host, port); ValueError naming the form."""
+    raw = str(text).strip()
+    s = raw[6:] if raw.lower().startswith("tcp://") else raw
+    host, _, port = s.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in host:
+        raise ValueError(f"{raw!r} is not a group address; write it as tcp://HOST:PORT (the --serve address of "
+                         f"the torchrun-started group).")
+    return host, int(port)

@@ -82,8 +82,8 @@ class Session:
                 msg = self.recv(self.timeouts.poll)
                 if msg is not None and self._ready(msg, status, t0):
                     return
-                if self.launch is not None:
-                    self.launch.check("load")
+                if self.launch is not None and self.launch.poll():
+                    raise self.launch.diagnose("load", self._pending_report())
                 if should_abort is not None and should_abort():
                     raise PoolCancelled(f"starting {self.label} was interrupted" + (
                         "; no worker is left running." if self.launch else "; the group keeps running."))
@@ -173,6 +173,22 @@ class Session:
         finally:
             self.busy.release()
 
+    def _pending_report(self) -> dict | None:
+        """Rank 0's report of a fault that this parent saw first as a rank's exit: it may still be on its way."""
+        end = time.monotonic() + self.timeouts.fault_window
+        try:
+            while time.monotonic() < end:
+                msg = self.recv(self.timeouts.poll)
+                if msg is not None and msg["op"] == proto.OP_ERROR:
+                    return msg
+        except Lost:
+            pass  # rank 0 is gone too: the exit codes say the rest
+        return None
+
+    def _launch_fault(self, phase: str) -> NoReturn:
+        """A local rank exited mid-op: name the root cause from rank 0's report and the exit codes, then fail."""
+        self.fail(self.launch.diagnose(phase, self._pending_report()))
+
     def closed_error(self, phase: str) -> WorkerError:
         """What a closed or faulted session answers: the fault itself (its rank, its cause) when there was one."""
         again = " (or attach again)." if self.launch is None else "."
@@ -200,8 +216,8 @@ class Session:
                         self._status(op, msg)
                     elif op.handle(src, msg):
                         return op.finish(self.cancel_at is not None)
-                if self.launch is not None:
-                    self.launch.check(op.phase)
+                if self.launch is not None and self.launch.poll():
+                    self._launch_fault(op.phase)
                 self._watch(op, should_cancel)
         except (PoolCancelled, ValueError, WorkerError, torch.OutOfMemoryError, proto.DecodeError):
             raise
