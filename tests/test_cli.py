@@ -159,3 +159,33 @@ def test_demo_writes_a_video_of_the_requested_size_and_length(tmp_path):
     for wait in ("starting 2 worker(s)", "sampling", "decoding"):  # progress for every wait
         assert wait in p.stderr, p.stderr[-3000:]
     assert "21/21" in p.stderr  # frames of total
+
+
+def test_generate_from_a_prompt_through_the_umt5_file(files, tmp_path):
+    """--prompt/--negative with ComfyUI's umt5 layout (a tiny one, fp8 scaled): the text is encoded once, then
+    the workers sample; the latents are what the same job gives with the embeddings saved to --cond."""
+    from safetensors.torch import load_file
+
+    from dualparal_core.text_encoder import encode_prompts
+    sys.path.insert(0, str(ROOT / "tests"))
+    from umt5_tiny import write_tiny
+
+    te, _ = write_tiny(tmp_path, fp8=True)
+    pos, neg = encode_prompts(str(te), ["a fox in the snow", "blurred"])
+    save_file({"positive": pos, "negative": neg}, str(tmp_path / "saved.safetensors"))
+    common = ["--model", str(files / "model.safetensors"), "--devices", "cpu", "--frames", "9", "--width", "32",
+              "--height", "32", "--steps", "2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    logs = {}
+    for name, extra in (("text", ["--text-encoder", str(te), "--prompt", "a fox in the snow", "--negative",
+                                  "blurred"]), ("cond", ["--cond", str(tmp_path / "saved.safetensors")])):
+        p = subprocess.run([sys.executable, "-m", "dualparal_core", "generate", *common, *extra, "--out",
+                            str(tmp_path / f"{name}.safetensors")], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300, stdin=subprocess.DEVNULL, env=env)
+        assert p.returncode == 0, p.stderr[-3000:]
+        logs[name] = p.stderr
+    assert "encoding text" in logs["text"] and "loading text encoder" in logs["text"]
+    assert "encoding text" not in logs["cond"]
+    a = load_file(str(tmp_path / "text.safetensors"))["latent_tensor"]
+    b = load_file(str(tmp_path / "cond.safetensors"))["latent_tensor"]
+    assert a.shape == (1, 16, 3, 4, 4) and torch.equal(a, b)

@@ -109,6 +109,12 @@ def run(args: argparse.Namespace, plan: Plan) -> int:
     from dualparal_core.protocol import Job
     from dualparal_core.sigmas import simple_sigmas
 
+    sc = SamplingConfig(sigmas=simple_sigmas(args.steps, args.shift), sampler=args.sampler, cfg=args.cfg,
+                        seed=args.seed, noise_mode=args.noise_mode, num_per_block=args.num_per_block,
+                        num_cat=args.num_cat)
+    t = plan.latent_shape[2]
+    print(f"DualParal: {t} latent frames ({args.frames} video frames) at {args.width}x{args.height}, "
+          f"{sc.layout(t).num_blocks} blocks x {args.steps} steps on {', '.join(plan.devices)}", flush=True)
     if args.cmd == "demo":
         config = WanConfig.tiny(num_layers=DEMO_LAYERS)
         source, (cond, uncond) = ModelSource(random_config=config), demo_conditioning(args.seed, config)
@@ -118,13 +124,7 @@ def run(args: argparse.Namespace, plan: Plan) -> int:
     if plan.video and weights is None:
         weights = vae_weights(plan.vae)
     spec = PoolSpec(source=source, devices=plan.devices, dtype=plan.dtype, attention=args.attention)
-    sc = SamplingConfig(sigmas=simple_sigmas(args.steps, args.shift), sampler=args.sampler, cfg=args.cfg,
-                        seed=args.seed, noise_mode=args.noise_mode, num_per_block=args.num_per_block,
-                        num_cat=args.num_cat)
-    t = plan.latent_shape[2]
     job = Job(sc, plan.latent_shape, cond, uncond if args.cfg != 1 else None)
-    print(f"DualParal: {t} latent frames ({args.frames} video frames) at {args.width}x{args.height}, "
-          f"{sc.layout(t).num_blocks} blocks x {args.steps} steps on {', '.join(spec.devices)}", flush=True)
     plan.out.parent.mkdir(parents=True, exist_ok=True)
     pool = start_pool(spec)
     try:
