@@ -82,24 +82,27 @@ def _is_4k1(x: int) -> bool:
     return x >= 1 and (x - 1) % 4 == 0
 
 
-def check_devices(args: argparse.Namespace) -> tuple[tuple[str, ...], str]:
-    """``--devices`` in the project's one grammar, against the GPUs this process sees; and the dtype."""
+def cli_devices(text: str) -> tuple[str, ...]:
+    """``--devices`` in the project's one grammar (no ``tcp://``: the CLI starts its own ranks), against the GPUs
+    this process would see (counted without torch)."""
     gpus = visible_gpus()
-    try:
-        devices = parse_devices(args.devices, gpus, name="--devices", attach=False)
-    except ValueError as e:
-        raise ValueError(str(e)) from None
+    devices = parse_devices(text, gpus, name="--devices", attach=False)
     missing = [d for d in devices if d.startswith("cuda:") and int(d[5:]) >= gpus]
     if missing:
         among = f"GPU indices 0..{gpus - 1}, 'auto' or 'cpu:N'" if gpus else "'cpu' or 'cpu:N' (N CPU ranks)"
         cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
-        raise FlagError("--devices", args.devices, f"names {', '.join(missing)}, but this machine shows {gpus} GPU(s)"
-                                                   f"{'' if cvd is None else f' (CUDA_VISIBLE_DEVICES={cvd!r})'}; "
-                                                   f"use {among}")
+        raise FlagError("--devices", text, f"names {', '.join(missing)}, but this process sees {gpus} CUDA "
+                                           f"device(s){'' if cvd is None else f' (CUDA_VISIBLE_DEVICES={cvd!r})'}; "
+                                           f"use {among}")
+    return devices
+
+
+def check_devices(args: argparse.Namespace) -> tuple[tuple[str, ...], str]:
+    """``--devices`` and ``--attention``; returns the devices and the dtype (bf16 on GPUs, fp32 on CPU ranks)."""
+    devices = cli_devices(args.devices)
     if args.attention not in ATTENTION_BACKENDS:
         raise FlagError("--attention", args.attention, f"is not a backend; use one of {', '.join(ATTENTION_BACKENDS)}")
-    gpu = devices[0].startswith("cuda")
-    return devices, args.dtype or ("bf16" if gpu else "fp32")
+    return devices, args.dtype or ("bf16" if devices[0].startswith("cuda") else "fp32")
 
 
 def check_out(args: argparse.Namespace, has_vae: bool) -> tuple[Path, str | None]:
