@@ -93,8 +93,9 @@ def conditioning(args: argparse.Namespace, plan: Plan) -> tuple[torch.Tensor, to
     from dualparal_core.text_encoder import encode_prompts
 
     device = plan.devices[0] if plan.devices[0].startswith("cuda") else "cpu"
-    pos, neg = encode_prompts(plan.text_encoder, [args.prompt, args.negative], device=device)
-    return pos, neg
+    prompts = [args.prompt] + ([args.negative] if args.cfg != 1 else [])  # cfg 1 never reads the negative
+    out = encode_prompts(plan.text_encoder, prompts, device=device)
+    return out[0], out[1] if len(out) > 1 else torch.zeros_like(out[0])
 
 
 def start_pool(spec: PoolSpec):
