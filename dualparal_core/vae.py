@@ -61,14 +61,10 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
 )
 
 from dualparal_core import logger
+from dualparal_core.files.vae import vae_keys as _needed_keys
 
 __all__ = ["WanVAEDecoder", "frames_needed_to_prime", "convert_original_to_diffusers", "decoder_state_dict"]
 
-# A key that only a Wan VAE has, in each layout (ComfyUI itself detects the Wan VAE by the first one).
-_ORIGINAL_MARK = "decoder.middle.0.residual.0.gamma"
-_DIFFUSERS_MARK = "decoder.mid_block.resnets.0.norm1.gamma"
-# Wan2.2's VAE (48 channels, TI2V-5B) in the original layout (ComfyUI's own test, sd.py).
-_WAN22_MARK = "decoder.upsamples.0.upsamples.0.residual.2.weight"
 _TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
 
@@ -77,32 +73,6 @@ def convert_original_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, t
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
     return convert_wan_vae_to_diffusers(dict(sd))
-
-
-def _needed_keys(keys: list[str], source: str) -> tuple[str, str, list[str]]:
-    """The layout, the key prefix and the decoder-side keys of a Wan VAE state dict; raise if it is none."""
-    found = [
-        (k, m, lay)
-        for m, lay in ((_ORIGINAL_MARK, "original"), (_DIFFUSERS_MARK, "diffusers"))
-        for k in keys
-        if k.endswith(m)
-    ]
-    if found:
-        hit, mark, layout = found[0]
-        prefix = hit[: -len(mark)]
-    else:
-        raise ValueError(
-            f"{source} is not a Wan VAE: it has neither '{_ORIGINAL_MARK}' (ComfyUI's wan_2.1_vae.safetensors) "
-            f"nor '{_DIFFUSERS_MARK}' (diffusers' AutoencoderKLWan). Pick the Wan2.1 VAE file."
-        )
-    if layout == "original" and any(k == prefix + _WAN22_MARK for k in keys):
-        raise ValueError(
-            f"{source} is the Wan2.2 VAE (48 latent channels, used by TI2V-5B only); Block Decode supports the "
-            "Wan2.1 VAE (wan_2.1_vae.safetensors, also used by Wan2.2 A14B). Use ComfyUI's VAE Decode for 5B."
-        )
-    post = ("conv2.",) if layout == "original" else ("post_quant_conv.",)
-    needed = [k for k in keys if k.startswith(prefix) and k[len(prefix) :].startswith(("decoder.", *post))]
-    return layout, prefix, needed
 
 
 def decoder_state_dict(sd: Mapping[str, torch.Tensor], source: str = "the state dict") -> dict[str, torch.Tensor]:

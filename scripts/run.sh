@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up (once) and run on a fresh machine: `bash scripts/run.sh demo` or `bash scripts/run.sh test`.
+# Set up (once) and run on a fresh machine: `bash scripts/run.sh demo`, `bash scripts/run.sh generate ...` or
+# `bash scripts/run.sh test`.
 # Creates .venv in the repository with the CPU build of torch 2.13.0 pinned first, so that nothing below can
 # pull a CUDA build of torch; on a GPU machine with torch already installed, use your own environment instead.
 set -euo pipefail
@@ -24,6 +25,7 @@ fi
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 case "${1:-}" in
     demo) shift; exec "$VPY" -m dualparal_core demo "$@" ;;
+    generate) shift; exec "$VPY" -m dualparal_core generate "$@" ;;
     test) shift; exec "$VPY" -m pytest -q "$@" ;;
-    *) echo "usage: bash scripts/run.sh demo|test [args]" >&2; exit 2 ;;
+    *) echo "usage: bash scripts/run.sh demo|generate|test [args]" >&2; exit 2 ;;
 esac

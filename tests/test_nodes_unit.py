@@ -133,8 +133,9 @@ def test_check_visible_names_who_sees_what():
 
 def test_pool_spec_and_cli_use_the_grammar(monkeypatch):
     """PoolSpec normalises any named form and refuses the rest with the grammar's sentences; the CLI accepts the
-    `cuda:N` form the Loader documents and exits with the same sentence."""
-    from dualparal_core.__main__ import _devices
+    `cuda:N` form the Loader documents and refuses with the same sentence."""
+    from dualparal_core.headless import checks
+    from dualparal_core.headless.checks import cli_devices as _devices
 
     src = ModelSource(random_config=WanConfig.tiny())
     assert PoolSpec(src, devices=("0", "cuda:1")).devices == ("cuda:0", "cuda:1")
@@ -143,14 +144,14 @@ def test_pool_spec_and_cli_use_the_grammar(monkeypatch):
                         (("tcp://h:1",), "starts its own ranks"), ((), "is empty")):
         with pytest.raises(ValueError, match=needle):
             PoolSpec(src, devices=bad)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(checks, "visible_gpus", lambda: 2)  # the CLI counts GPUs without importing torch
     assert _devices("cuda:0,cuda:1") == _devices("0,1") == _devices("auto") == ("cuda:0", "cuda:1")
     assert _devices("cpu:3") == ("cpu",) * 3 and _devices("cpu") == ("cpu",)
     for bad, needle in (("2", "names cuda:2, but this process sees 2 CUDA device(s)"), ("gpu0", "GPU index"),
                         ("tcp://h:1", "starts its own ranks")):
-        with pytest.raises(SystemExit, match=re.escape(needle)) as e:
+        with pytest.raises(ValueError, match=re.escape(needle)) as e:  # main() turns it into one line, exit 2
             _devices(bad)
-        assert str(e.value.code).startswith(f"--devices={bad!r}")
+        assert str(e.value).startswith(f"--devices={bad!r}")
 
 
 def test_missing_gpus():
