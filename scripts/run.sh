@@ -26,6 +26,7 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 case "${1:-}" in
     demo) shift; exec "$VPY" -m dualparal_core demo "$@" ;;
     generate) shift; exec "$VPY" -m dualparal_core generate "$@" ;;
+    tiny-files) shift; exec "$VPY" -m dualparal_core.testing "$@" ;;
     test) shift; exec "$VPY" -m pytest -q "$@" ;;
-    *) echo "usage: bash scripts/run.sh demo|generate|test [args]" >&2; exit 2 ;;
+    *) echo "usage: bash scripts/run.sh demo|generate|tiny-files|test [args]" >&2; exit 2 ;;
 esac

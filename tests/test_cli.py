@@ -189,3 +189,23 @@ def test_generate_from_a_prompt_through_the_umt5_file(files, tmp_path):
     a = load_file(str(tmp_path / "text.safetensors"))["latent_tensor"]
     b = load_file(str(tmp_path / "cond.safetensors"))["latent_tensor"]
     assert a.shape == (1, 16, 3, 4, 4) and torch.equal(a, b)
+
+
+def test_the_readmes_tiny_files_drive_generate_to_an_mp4(tmp_path):
+    """The README's headless example, as pasted: the tiny stand-in files (python -m dualparal_core.testing DIR, what
+    `bash scripts/run.sh tiny-files DIR` runs), then generate from a prompt to an mp4 of the requested size."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = dict(cwd=ROOT, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL, env=env)
+    p = subprocess.run([sys.executable, "-m", "dualparal_core.testing", str(tmp_path)], **run)
+    assert p.returncode == 0, p.stderr[-3000:]
+    names = {"model": "wan_tiny_t2v.safetensors", "text_encoder": "umt5_tiny_fp8_e4m3fn_scaled.safetensors",
+             "vae": "wan_vae_tiny.safetensors"}
+    assert all(f"{k}: {tmp_path / v}" in p.stdout for k, v in names.items()), p.stdout
+    out = tmp_path / "fox.mp4"
+    p = subprocess.run([sys.executable, "-m", "dualparal_core", "generate", "--model", str(tmp_path / names["model"]),
+                        "--text-encoder", str(tmp_path / names["text_encoder"]), "--prompt",
+                        "a fox moving quickly in a beautiful winter scenery", "--negative", "static, blurred details",
+                        "--vae", str(tmp_path / names["vae"]), "--frames", "17", "--width", "64", "--height", "64",
+                        "--steps", "4", "--out", str(out)], **run)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert read_video(out)[:2] == ((64, 64), 17)
