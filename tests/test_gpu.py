@@ -180,6 +180,37 @@ def test_sigkill_of_a_rank_mid_job_is_named_and_the_gpu_memory_comes_back():
     _kill_mid_job(["cuda:0"], 0)
 
 
+@pytest.mark.gpu
+@needs_gpu
+def test_a_real_gpu_out_of_memory_names_the_rank_and_the_memory_comes_back():
+    """A real CUDA out-of-memory (the rank's allocator capped to 20 MiB, as benchmarks/fit_24gb.py emulates a small
+    card, then a 128x128-latent job): it reaches the caller as torch.OutOfMemoryError naming the rank, the pool is
+    closed (fail-stop), the GPU's memory comes back, and a new pool on the same GPU works."""
+    before = _free(["cuda:0"])
+    spec = PoolSpec(ModelSource(random_config=CFG, random_seed=SEED), devices=("cuda:0",), dtype="fp32",
+                    compile=False)
+    pool = WorkerPool.start(spec, Timeouts(startup=300, step=300),
+                            env=fault_env("", **SAFE_ENV, DUALPARAL_MEMORY_CAP_GIB=str(20 / 1024)))
+    pids = pool.pids
+    g = torch.Generator().manual_seed(1)
+    sc = SamplingConfig(sigmas=(1.0, 0.5, 0.0), sampler="euler", cfg=3.0, seed=5, num_per_block=8, num_cat=0)
+    big = Job(sc, (1, CFG.in_channels, 9, 128, 128), cond=torch.randn(1, 5, CFG.text_dim, generator=g),
+              uncond=torch.randn(1, 3, CFG.text_dim, generator=g))
+    try:
+        with pytest.raises(torch.OutOfMemoryError, match="rank 0") as e:
+            pool.generate(big)
+        assert isinstance(e.value.__cause__, WorkerError) and e.value.__cause__.rank == 0
+        assert not pool.alive
+    finally:
+        pool.close()
+    _memory_comes_back(["cuda:0"], before, pids)
+    again = _start(["cuda:0"])
+    try:
+        assert again.generate(_job()).isfinite().all()
+    finally:
+        again.close()
+
+
 def _hopper_with_fa3() -> bool:
     from dualparal_core.attention import fa3_available
 
