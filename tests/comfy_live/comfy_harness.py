@@ -165,8 +165,8 @@ class WSListener:
 class ComfyServer:
     """``python main.py --cpu --listen 127.0.0.1 ...`` with our yaml; log in ``base/server.log``."""
 
-    def __init__(self, base: Path, yaml: Path):
-        self.base, self.yaml, self.port = base, yaml, _free_port()
+    def __init__(self, base: Path, yaml: Path, env: dict | None = None):
+        self.base, self.yaml, self.port, self.env = base, yaml, _free_port(), env or {}
         self.url = f"http://127.0.0.1:{self.port}"
         self.client_id = uuid.uuid4().hex
         self.proc: subprocess.Popen | None = None
@@ -181,7 +181,7 @@ class ComfyServer:
                "--input-directory", str(b / "input"), "--user-directory", str(b / "user"),
                "--database-url", "sqlite:///:memory:", "--preview-method", "latent2rgb"]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-               "DUALPARAL_AUTHKEY": AUTHKEY}
+               "DUALPARAL_AUTHKEY": AUTHKEY, **self.env}
         self._log = open(b / "server.log", "ab")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(cmd, cwd=COMFY, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
@@ -254,7 +254,8 @@ class ComfyServer:
             return []
         for p in kids:
             try:
-                if "dualparal_core.worker" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
+                cmd = " ".join(p.cmdline())
+                if ("dualparal_core.worker" in cmd or "faulty_rank" in cmd) and p.status() != psutil.STATUS_ZOMBIE:
                     out.append(p.pid)
             except psutil.Error:
                 continue
