@@ -10,6 +10,7 @@ import signal
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from fault_helpers import fault_env, tiny_job, tiny_spec, wait_gone, worker_procs
 
@@ -177,3 +178,50 @@ def test_the_stale_dir_sweep_removes_only_dead_pools_dirs_of_ours(tmp_path, monk
     assert not swept.exists()
     for kept in (live, lookalike, other_ns, wrong_pid):
         assert (kept / "rank0.log").exists(), kept.name
+
+
+@pytest.mark.dist
+def test_a_rank_frozen_while_the_pool_loads_is_named_long_before_the_startup_timeout():
+    """Hole 3 during load: rank 1 loads forever (alive) and is then frozen (SIGSTOP); the start fails naming it
+    from the heartbeats within seconds, not at Timeouts.startup (300 s here)."""
+    import threading as _threading
+
+    box: dict = {}
+
+    def start():
+        try:
+            box["pool"] = WorkerPool.start(tiny_spec(2), Timeouts(startup=300.0, heartbeat=0.3),
+                                            env=fault_env("rank=1,kind=never_ready", DUALPARAL_HEARTBEAT="0.3"))
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            box["error"] = exc
+
+    t = _threading.Thread(target=start)
+    t.start()
+    victim, end = None, time.monotonic() + 60
+    while victim is None and time.monotonic() < end:
+        for p in worker_procs():
+            try:
+                if p.environ().get("RANK") == "1" and "[DualParal]" in open(
+                        os.path.join(p.cwd(), "rank1.log")).read():
+                    victim = p
+            except (OSError, psutil.Error):
+                pass
+        time.sleep(0.2)
+    assert victim is not None, "rank 1 never started"
+    time.sleep(1.0)  # inside its never-ending load
+    victim.send_signal(signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        t.join(60)
+        took = time.monotonic() - t0
+        assert isinstance(box.get("error"), WorkerError), box
+        assert box["error"].rank == 1 and "heartbeat" in str(box["error"]), str(box["error"])
+        assert took < 15, took
+    finally:
+        try:
+            victim.send_signal(signal.SIGCONT)
+            victim.kill()
+        except psutil.Error:
+            pass
+        if "pool" in box:
+            box["pool"].close()

@@ -78,12 +78,15 @@ class Session:
         try:
             self.send({"op": proto.OP_SPEC, "model": model, "version": __version__,
                        "client": f"{socket.gethostname()} pid {os.getpid()}"})
+            self.heard = time.monotonic()
             while True:
                 msg = self.recv(self.timeouts.poll)
                 if msg is not None and self._ready(msg, status, t0):
                     return
                 if self.launch is not None and self.launch.poll():
                     raise self.launch.diagnose("load", self._pending_report())
+                if self.launch is not None:  # a local pool's ranks beat at our heartbeat: a frozen one shows
+                    self._frozen_while_loading(msg)
                 if should_abort is not None and should_abort():
                     raise PoolCancelled(f"starting {self.label} was interrupted" + (
                         "; no worker is left running." if self.launch else "; the group keeps running."))
@@ -99,6 +102,19 @@ class Session:
                 raise self.launch.diagnose("load") from None
             raise AttachError(f"{self.label} closed the connection while attaching (it stopped or restarted: see "
                               f"its torchrun output).") from None
+
+    def _frozen_while_loading(self, msg: dict | None) -> None:
+        """While a local pool loads, rank 0 beats (with its peers' states) like during a job: name a frozen rank
+        now rather than at the startup timeout."""
+        now = time.monotonic()
+        if msg is not None:
+            self.heard = now
+            stale = {r: p for r, p in (msg.get("peers") or {}).items() if p.get("stale")}
+            if msg["op"] == proto.OP_STATUS and stale:
+                r = max(stale, key=lambda k: stale[k]["silent_for"])
+                raise self.frozen("load", r, stale[r]["silent_for"], stale[r].get("where"))
+        elif now - self.heard > self.stale_after:
+            raise self.frozen("load", 0, now - self.heard, None)
 
     def _ready(self, msg: dict, status: Callable[[str], None], t0: float) -> bool:
         op = msg["op"]

@@ -162,7 +162,11 @@ class Lead:
                 f"same version on every host and where ComfyUI runs."))
             return
         self.client = f"{hello.get('client', '?')} from {who}"
-        err = self.r.load(self.r.bcast({"op": proto.OP_LOAD, "model": hello.get("model")})["model"])
+        self.serving = True  # heartbeats (and a frozen peer's detection) through the load and its gather too
+        try:
+            err = self.r.load(self.r.bcast({"op": proto.OP_LOAD, "model": hello.get("model")})["model"])
+        finally:
+            self.serving = False
         if err is not None:
             self.send(proto.OP_ERROR, **err)
             return
