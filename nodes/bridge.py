@@ -13,8 +13,6 @@ import atexit
 import logging
 import os
 import sys
-import threading
-import weakref
 
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if PACK_DIR not in sys.path:
@@ -193,31 +191,6 @@ def _map_errors(handle: DualParalModel, fn, *args, **kw):
         if err.exc_type == "OutOfMemoryError":  # e.g. loading the weights: ComfyUI's OOM path (tips, unload)
             raise torch.OutOfMemoryError(str(err)) from err
         raise
-
-
-_live_handles: dict[tuple, int] = {}
-_live_lock = threading.Lock()
-
-
-def track(handle: DualParalModel) -> DualParalModel:
-    """Count the live handles of a registry key. When ComfyUI lets the last one go (its Loader left the graph and
-    ComfyUI's output cache dropped the node), the key's workers are released: a deleted Loader frees its GPUs."""
-    with _live_lock:
-        _live_handles[handle.key] = _live_handles.get(handle.key, 0) + 1
-    weakref.finalize(handle, _handle_gone, handle.key)
-    return handle
-
-
-def _handle_gone(key: tuple) -> None:
-    with _live_lock:
-        left = _live_handles.get(key, 0) - 1
-        if left > 0:
-            _live_handles[key] = left
-            return
-        _live_handles.pop(key, None)
-    # On a thread of its own: a finalizer may run inside any code that allocates, the registry's included.
-    threading.Thread(target=REGISTRY.release, args=(key, "its DualParal Loader left the graph"),
-                     name="dualparal-release", daemon=True).start()
 
 
 def acquire(handle: DualParalModel):

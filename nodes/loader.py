@@ -105,8 +105,8 @@ class DualParalLoader(io.ComfyNode):
             key += (file_key(low), float(boundary))
         if attach is not None:  # the group finds the files on its hosts (by path, else under its --models-dir)
             spec, key = AttachSpec(attach.address, spec), ("attach", attach.address, *key)
-        handle = bridge.track(DualParalModel(spec=spec, config=info.config, keep_alive=bool(keep_alive),
-                                             unet_name=unet_name, key=key, experts=2 if low else 1))
+        handle = DualParalModel(spec=spec, config=info.config, keep_alive=bool(keep_alive), unet_name=unet_name,
+                                key=key, experts=2 if low else 1)
         bridge.acquire(handle)  # start (or reuse) the workers now: load errors show on this node
         return io.NodeOutput(handle)
 

@@ -71,24 +71,3 @@ def test_comfyui_exits_within_5_s_while_a_pool_is_starting(tmp_path_factory):
     finally:
         if not stopped:
             server.stop()
-
-
-def test_a_deleted_loader_releases_its_workers(tmp_path_factory):
-    """Guarantee 8: once the Loader has left the graph (the next prompt has no DualParal node, so ComfyUI's output
-    cache lets the Loader's handle go), its workers exit; a graph with the Loader again starts new ones."""
-    server = _server(tmp_path_factory, "")
-    try:
-        server.run(base_graph(seed=5))
-        workers = server.note_workers()
-        assert len(workers) == 2
-        server.run({"5": {"class_type": "EmptyHunyuanLatentVideo",
-                          "inputs": {"width": 32, "height": 32, "length": 5, "batch_size": 1}},
-                    "10": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "plain"}}})
-        end = time.monotonic() + 20
-        while alive(workers) and time.monotonic() < end:
-            time.sleep(0.1)
-        assert alive(workers) == [], f"the deleted Loader's workers live on:\n{server.log_tail(2000)}"
-        server.run(base_graph(seed=5))
-        assert len(server.note_workers()) == 2
-    finally:
-        server.stop()
