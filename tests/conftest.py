@@ -24,3 +24,16 @@ def tiny_config():
     from dualparal_core.config import WanConfig
 
     return WanConfig.tiny()
+
+
+@pytest.fixture
+def no_leftover_workers():
+    """Every rank a test started is gone when it ends (the pool tests' promise); a survivor is killed, then failed."""
+    from fault_helpers import worker_procs
+
+    before = {p.pid for p in worker_procs()}  # a module's shared pool, when it is up
+    yield
+    left = [p for p in worker_procs() if p.pid not in before]
+    for p in left:  # a stopped rank must be continued (or killed) whatever the test did
+        p.kill()
+    assert not left, f"worker processes outlived the test: {left}"

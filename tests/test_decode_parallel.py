@@ -10,7 +10,7 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
-from fault_helpers import fault_env, tiny_job, tiny_spec, worker_procs
+from fault_helpers import fault_env, tiny_job, tiny_spec
 from test_vae import _heap_probe, _peak_above_start, make_vae, to_original_layout
 
 from dualparal_core.client.decode import DecodeError, decode_on_pool, decoder_geometry
@@ -28,17 +28,7 @@ from dualparal_core.decode import (
 from dualparal_core.pool import PoolCancelled, WorkerError, WorkerPool
 from dualparal_core.vae import WanVAEDecoder
 
-pytestmark = pytest.mark.dist
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_workers():
-    before = {p.pid for p in worker_procs()}
-    yield
-    left = [p for p in worker_procs() if p.pid not in before]
-    for p in left:
-        p.kill()
-    assert not left, f"worker processes outlived the test: {left}"
+pytestmark = [pytest.mark.dist, pytest.mark.usefixtures("no_leftover_workers")]
 
 
 @pytest.fixture(scope="module")

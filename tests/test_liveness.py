@@ -21,14 +21,7 @@ from dualparal_core.pool import PoolCancelled, WorkerError, WorkerPool
 SLOW = "kind=slow,delay=0.03"
 
 
-@pytest.fixture(autouse=True)
-def _no_leftover_workers():
-    before = {p.pid for p in worker_procs()}
-    yield
-    left = [p for p in worker_procs() if p.pid not in before]
-    for p in left:  # a stopped rank must be continued (or killed) whatever the test did
-        p.kill()
-    assert not left, f"worker processes outlived the test: {left}"
+pytestmark = pytest.mark.usefixtures("no_leftover_workers")
 
 
 def _start(timeouts: Timeouts, fault: str = SLOW) -> WorkerPool:

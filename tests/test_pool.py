@@ -32,14 +32,7 @@ HELPER = str(Path(__file__).with_name("fault_helpers.py"))
 SLOW = "kind=slow,delay=0.03"
 
 
-@pytest.fixture(autouse=True)
-def _no_leftover_workers():
-    before = {p.pid for p in worker_procs()}  # the module's shared pool, when it is up
-    yield
-    left = [p for p in worker_procs() if p.pid not in before]
-    for p in left:
-        p.kill()
-    assert not left, f"worker processes outlived the test: {left}"
+pytestmark = pytest.mark.usefixtures("no_leftover_workers")
 
 
 def _start(world: int = 2, fault: str = "", timeouts: Timeouts = Timeouts(), **env) -> WorkerPool:  # noqa: B008

@@ -14,23 +14,13 @@ import time
 import psutil
 import pytest
 import torch.distributed as dist
-from fault_helpers import fault_env, tiny_job, tiny_spec, wait_gone, worker_procs
+from fault_helpers import fault_env, tiny_job, tiny_spec, wait_gone
 
 from dualparal_core import protocol as proto
 from dualparal_core.pool import WorkerError, WorkerPool
 from dualparal_core.rank.lead import MAX_HANDSHAKES
 
-pytestmark = pytest.mark.dist
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_workers():
-    before = {p.pid for p in worker_procs()}
-    yield
-    left = [p for p in worker_procs() if p.pid not in before]
-    for p in left:
-        p.kill()
-    assert not left, f"worker processes outlived the test: {left}"
+pytestmark = [pytest.mark.dist, pytest.mark.usefixtures("no_leftover_workers")]
 
 
 class _Evil:
