@@ -22,9 +22,10 @@ WEIGHT_MODES: tuple[str, ...] = ("dequant", "fp8")
 #: Which expert of a Wan2.2 A14B pair a LoRA is merged into.
 LORA_EXPERTS: tuple[str, ...] = ("both", "high", "low")
 #: Attention backends a user may pick ("auto": FlashAttention-3 on a Hopper GPU in bf16 when ``fa3-fwd`` is
-#: installed, else "sdpa"; "sdpa": PyTorch chooses; "fa3": FlashAttention-3; the others force one SDPA kernel).
-ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "sdpa", "fa3", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient",
-                                       "sdpa_math")
+#: installed, else "sdpa"; "sdpa": PyTorch chooses; "fa3": FlashAttention-3; "fa3_fp8": FlashAttention-3 with
+#: fp8 self-attention (faster, less exact: README "Attention backends"); the others force one SDPA kernel).
+ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "sdpa", "fa3", "fa3_fp8", "sdpa_flash", "sdpa_cudnn",
+                                       "sdpa_efficient", "sdpa_math")
 
 
 @dataclass(frozen=True)

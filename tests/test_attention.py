@@ -83,3 +83,39 @@ def test_the_fa3_path_passes_its_layout_and_returns_ours(monkeypatch):
     assert torch.equal(out, F.scaled_dot_product_attention(q, k, v))  # same kernel underneath: same bits
     for name in ("auto", "sdpa", "sdpa_math"):
         torch.testing.assert_close(attn.attention(q, k, v, name), out, rtol=1e-6, atol=1e-6)  # float32 reorder
+
+
+def test_fp8_per_head_scales_each_head_onto_e4m3s_range():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 40, 16, generator=g) * torch.tensor([0.01, 1.0, 300.0]).view(1, 3, 1, 1)
+    x8, descale = attn.fp8_per_head(x)
+    assert x8.dtype == torch.float8_e4m3fn and descale.shape == (2, 3)
+    # every head uses the top of e4m3's range, whatever its own magnitude
+    assert torch.equal(x8.float().abs().amax(dim=(2, 3)), torch.full((2, 3), attn.E4M3_MAX))
+    back = x8.float() * descale[:, :, None, None]
+    # e4m3 keeps 3 mantissa bits: a rounding error of at most 2^-4 of each value (relative), far from denormals
+    err = ((back - x).norm(dim=(2, 3)) / x.norm(dim=(2, 3))).max()
+    assert err < 2 ** -4, err
+
+
+def test_the_fa3_fp8_path_sends_fp8_with_descales_and_keeps_the_text_in_bf16(monkeypatch):
+    """A stand-in FA3 that dequantises with the descales it is given and runs SDPA: the result is attention of
+    the fp8-rounded inputs, within fp8's error of the exact one; the cross-attention backend stays bf16 FA3."""
+    seen = []
+
+    def flash_attn_func(q, k, v, q_descale=None, k_descale=None, v_descale=None):
+        seen.append((q.dtype, k.dtype, v.dtype, tuple(q_descale.shape), tuple(k_descale.shape)))
+        deq = [t.float() * s[:, None, :, None] for t, s in ((q, q_descale), (k, k_descale), (v, v_descale))]
+        out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in deq)).transpose(1, 2)
+        return out.to(torch.bfloat16)
+
+    monkeypatch.setitem(sys.modules, attn.FA3_MODULE, types.SimpleNamespace(flash_attn_func=flash_attn_func))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g) for n in (24, 40, 40))
+    out = attn.attention(q, k, v, "fa3_fp8")
+    f8 = torch.float8_e4m3fn
+    assert seen == [(f8, f8, f8, (2, 3), (2, 3))] and out.shape == q.shape
+    exact = F.scaled_dot_product_attention(q, k, v)
+    err = ((out.float() - exact).norm() / exact.norm()).item()
+    assert 1e-4 < err < 0.08, err  # not the exact path, and within e4m3's rounding (2^-4 per value, averaged)
+    assert attn.cross_backend("fa3_fp8") == "fa3" and attn.cross_backend("sdpa") == "sdpa"

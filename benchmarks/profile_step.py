@@ -1,0 +1,191 @@
+"""Where a block-step's time goes: one S1 block-step of our stage under the torch profiler, kernels grouped.
+
+    python benchmarks/profile_step.py                      # GPU: 1.3B shapes, S1's window, each backend installed
+    python benchmarks/profile_step.py --device cpu --tiny  # a CPU smoke run of the same code
+
+The window is S1's steady block-step: K + P = 16 latent frames at 480x832 (24,960 tokens), the next-newer block's
+first K = 8 frames as right context (keys 37,440), batch 2 (CFG), keeping K frames' K/V for the older neighbour.
+Prints, per variant: the block-step's median time (CUDA events, after warm-up), its FLOP rate (formula of
+docs/performance.md), and the GPU time per kernel group (GEMM, attention, compiled elementwise, other elementwise,
+copies, norms) with the share of the wall time that no kernel covered (host overhead / launch gaps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from dualparal_core.config import WanConfig  # noqa: E402
+from dualparal_core.model import WanStage  # noqa: E402
+
+GROUPS = (  # first match wins; names as the CUDA kernels are called on Hopper with torch 2.11
+    ("attention", ("flash", "fmha", "attention", "cudnn_generated", "sdpa")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_")),
+    ("compiled", ("triton_",)),
+    ("norm", ("layer_norm", "rms_norm", "norm_kernel")),
+    ("copy", ("copy", "cat", "Memcpy", "memcpy", "transpose")),
+    ("gelu", ("gelu",)),
+    ("elementwise", ("elementwise", "vectorized", "reduce")),
+)
+
+
+def group_of(name: str) -> str:
+    for g, keys in GROUPS:
+        if any(k in name for k in keys):
+            return g
+    return "other"
+
+
+def block_step_flops(cfg: WanConfig, lq: int, lk: int, b: int, text: int = 512) -> float:
+    d, f = cfg.dim, cfg.ffn_dim
+    return cfg.num_layers * b * (lq * (12 * d * d + 4 * d * f) + 4 * lq * lk * d + 4 * lq * text * d)
+
+
+def build(args, backend: str) -> WanStage:
+    cfg = WanConfig.tiny() if args.tiny else WanConfig.wan21_1_3b()
+    dev = torch.device(args.device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    st = WanStage(cfg, range(cfg.num_layers), embed=True, head=True, dtype=dtype, device=dev,
+                  attention_backend=backend)
+    st.init_random(0)
+    st.fuse_qkv()
+    if dev.type == "cuda" and not args.no_compile:
+        st.compile_elementwise()
+    return st
+
+
+def inputs(st: WanStage, args):
+    cfg, dev, dt = st.config, st.device, st.dtype
+    gh, gw = args.height // 16, args.width // 16
+    hw = gh * gw
+    frames, right = args.P + args.K, args.K
+    g = torch.Generator(device=dev).manual_seed(0)
+    h = torch.randn(2, frames * hw, cfg.dim, device=dev, dtype=dt, generator=g)
+    rk = torch.randn(2, right * hw, cfg.dim, device=dev, dtype=dt, generator=g)
+    rv = torch.randn(2, right * hw, cfg.dim, device=dev, dtype=dt, generator=g)
+    text = st.prepare_text(torch.randn(2, 512, cfg.text_dim, device=dev, generator=g))
+    tproj, _ = st.time_embed(torch.tensor([500.0, 500.0]))
+    keep = (args.K * hw, args.K * hw)
+    return h, rk, rv, text, tproj, keep, (frames, gh, gw), frames * hw, (frames + right) * hw
+
+
+def run_once(st, inp):
+    h, rk, rv, text, tproj, keep, grid, _, _ = inp
+    right = {i: (rk, rv) for i in st.layers}
+    return st.blocks_forward(h, tproj, text, grid, right=right, keep=keep)
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def time_steps(st, inp, reps: int) -> list[float]:
+    dev = st.device
+    out = []
+    for _ in range(reps):
+        if dev.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            run_once(st, inp)
+            b.record()
+            b.synchronize()
+            out.append(a.elapsed_time(b) / 1e3)
+        else:
+            t = time.perf_counter()
+            run_once(st, inp)
+            out.append(time.perf_counter() - t)
+    return out
+
+
+def profile_groups(st, inp) -> tuple[dict[str, float], float, list]:
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = st.device
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    sync(dev)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        run_once(st, inp)
+        sync(dev)
+    wall = time.perf_counter() - t0
+    groups: dict[str, float] = {}
+    names: dict[str, float] = {}
+    for ev in prof.events():
+        if dev.type == "cuda" and ev.device_type == torch.autograd.DeviceType.CUDA:
+            groups[group_of(ev.name)] = groups.get(group_of(ev.name), 0.0) + ev.device_time / 1e6
+            names[ev.name[:90]] = names.get(ev.name[:90], 0.0) + ev.device_time / 1e6
+    top = sorted(names.items(), key=lambda kv: -kv[1])[:25]
+    return groups, wall, top
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--P", type=int, default=8)
+    p.add_argument("--K", type=int, default=8)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--backends", nargs="+", default=None)
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    if args.backends is None:
+        from dualparal_core.attention import fa3_available
+
+        args.backends = ["sdpa"] + (["fa3"] if args.device != "cpu" and fa3_available() else [])
+    rows = []
+    ref = None  # the first backend's output: every other backend's relative error against it
+    for backend in args.backends:
+        st = build(args, backend)
+        inp = inputs(st, args)
+        fl = block_step_flops(st.config, inp[7], inp[8], 2)
+        time_steps(st, inp, 2)  # warm-up: compiles, cuBLAS handles, FA3 module load
+        ts = time_steps(st, inp, args.reps)
+        med = statistics.median(ts)
+        out = run_once(st, inp)[0].float()
+        ref = out if ref is None else ref
+        err = ((out - ref).norm() / ref.norm()).item()
+        del out
+        groups, wall, top = profile_groups(st, inp)
+        busy = sum(groups.values())
+        row = {"backend": backend, "median_s": med, "spread_s": max(ts) - min(ts), "tflops": fl / med / 1e12,
+               "flops": fl, "profiled_wall_s": wall, "kernel_s": busy, "groups_s": groups, "top_kernels_s": top,
+               "err_vs_first": err,
+               "peak_gib": torch.cuda.max_memory_allocated(st.device) / 2**30 if st.device.type == "cuda" else 0}
+        rows.append(row)
+        del st, inp
+        if args.device != "cpu":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    print(f"\nblock-step: q {inp_tokens(args)} tokens, batch 2, device "
+          f"{torch.cuda.get_device_name() if args.device != 'cpu' else 'cpu'}")
+    print(f"{'backend':8} {'median s':>9} {'spread':>7} {'TFLOP/s':>8} {'peak GiB':>8} {'err':>8}  kernel time by "
+          f"group (ms)")
+    for r in rows:
+        gs = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in sorted(r["groups_s"].items(), key=lambda kv: -kv[1]))
+        gap = r["profiled_wall_s"] - r["kernel_s"]
+        print(f"{r['backend']:8} {r['median_s']:9.4f} {r['spread_s']:7.4f} {r['tflops']:8.1f} {r['peak_gib']:8.2f}"
+              f" {r['err_vs_first']:8.1e}"
+              f"  {gs}; not covered by kernels {gap * 1e3:.1f} (profiled wall {r['profiled_wall_s'] * 1e3:.1f})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def inp_tokens(args) -> str:
+    hw = (args.height // 16) * (args.width // 16)
+    return f"{(args.P + args.K) * hw} / k {(args.P + 2 * args.K) * hw}"
+
+
+if __name__ == "__main__":
+    main()
