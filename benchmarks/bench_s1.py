@@ -138,6 +138,10 @@ class Setup:
         """One row: a warm-up job with every window shape of the real one, then the real one, on ``pool``."""
         a = self.args
         res = shipped.timed(pool, self.job(frames, a.steps, P, K), self.warmup(frames, P, K))
+        latents = res.pop("_latents")
+        if a.save_latents:  # to compare two runs' final latents (e.g. fa3_fp8 against fa3)
+            Path(a.save_latents).mkdir(parents=True, exist_ok=True)
+            np.save(Path(a.save_latents) / f"{a.attention}_N{world}_T{frames}.npy", latents.numpy())
         per_item = self.item_flops(frames, P, K)
         row = dict(res, name=name, world=world, frames=frames, flops=sum(per_item),
                    tick_rate=steady_rate(res["ticks"], per_item) if BlockLayout(frames, P, K).num_blocks > 1 else None,
@@ -326,6 +330,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--timeout", type=float, default=900,
                     help="Timeouts.startup and .step of the pools (s)")
     ap.add_argument("--json", default=None, help="write results here too")
+    ap.add_argument("--save-latents", default=None, help="save each DualParal row's final latents (.npy) here")
     return ap.parse_args(argv)
 
 

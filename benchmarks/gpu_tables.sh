@@ -12,6 +12,9 @@
 #   bash benchmarks/gpu_tables.sh fit24     # which Wan2.2 A14B settings fit two 24 GB cards (memory cap)
 #   bash benchmarks/gpu_tables.sh parity    # 1 vs 2 GPUs: compiled or not, twice, one block-step in flight
 #   bash benchmarks/gpu_tables.sh tests     # the gpu / multi_gpu pytest tier (tests/test_gpu.py; needs pytest)
+#   bash benchmarks/gpu_tables.sh n1-speed  # one GPU: block-step profile (before/after in .old/ if present), S1
+#                                           # with fa3 and fa3_fp8 and the fp8 error on the final latents
+#   bash benchmarks/gpu_tables.sh n1-length # one GPU: S1's block-step at 257 latent frames (1,025 video frames)
 #
 # Every DualParal row runs through the product's WorkerPool (benchmarks/shipped.py): QKV always fused, the chains
 # compiled unless --no-compile. Rows measured before 2026-12-06 used the benchmark's own launcher (README).
@@ -72,5 +75,18 @@ for a, b in itertools.combinations(runs, 2):
     print(f"{a} vs {b}: max |diff| {np.abs(x - y).max():.3g}, relative L2 {np.linalg.norm(x - y) / np.linalg.norm(y):.3g}")
 PY
     ;;
-*) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+n1-speed)
+    step prof 130 "$PY" benchmarks/profile_step.py --backends fa3 fa3_fp8 --json "$OUT/prof.json"
+    for att in fa3 fa3_fp8; do
+        step "s1_$att" 150 $S1 --world 1 --frames 72 --attention $att --timeout 140 --save-latents "$OUT/lat" \
+            --json "$OUT/s1_$att.json"
+    done
+    "$PY" -c "import numpy as n,sys; a,b=(n.load(f'$OUT/lat/{x}_N1_T72.npy') for x in ('fa3_fp8','fa3'));
+print(f'final latents fa3_fp8 vs fa3: relative L2 {n.linalg.norm(a-b)/n.linalg.norm(b):.3g}')" | tee -a "$OUT/steps.txt"
+    step diff 150 $S1 --world --diffusers-baseline --frames 72 --timeout 140 --json "$OUT/diff.json"
+    [ -d .old ] && (cd .old && step prof_old 100 "$PY" benchmarks/profile_step.py --backends fa3 --json "$OUT/prof_old.json")
+    for f in "$OUT"/prof*.log "$OUT"/s1_*.log "$OUT"/diff.log; do tail -4 "$f"; done ;;
+n1-length)
+    step len 560 $S1 --world 1 --frames 257 --attention fa3 --timeout 540 --json "$OUT/len.json" ;;
+*) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -99,6 +99,6 @@ def timed(pool: WorkerPool, job: Job, warmup: Job | None) -> dict:
     if warmup is not None:
         pool.generate(warmup)
     t0 = time.perf_counter()
-    pool.generate(job)
+    latents = pool.generate(job)
     generate_s = time.perf_counter() - t0
-    return dict(summarise(profiles(pool)), generate_s=generate_s)
+    return dict(summarise(profiles(pool)), generate_s=generate_s, _latents=latents)
