@@ -14,6 +14,7 @@
 #   bash benchmarks/gpu_tables.sh tests     # the gpu / multi_gpu pytest tier (tests/test_gpu.py; needs pytest)
 #   bash benchmarks/gpu_tables.sh n1-speed  # one GPU: block-step profile (before/after in .old/ if present), S1
 #                                           # with fa3 and fa3_fp8 and the fp8 error on the final latents
+#   bash benchmarks/gpu_tables.sh n1-extra  # n1-speed's references: the block-step before (.old/), diffusers' S1
 #   bash benchmarks/gpu_tables.sh n1-length # one GPU: S1's block-step at 257 latent frames (1,025 video frames)
 #
 # Every DualParal row runs through the product's WorkerPool (benchmarks/shipped.py): QKV always fused, the chains
@@ -83,10 +84,12 @@ n1-speed)
     done
     "$PY" -c "import numpy as n,sys; a,b=(n.load(f'$OUT/lat/{x}_N1_T72.npy') for x in ('fa3_fp8','fa3'));
 print(f'final latents fa3_fp8 vs fa3: relative L2 {n.linalg.norm(a-b)/n.linalg.norm(b):.3g}')" | tee -a "$OUT/steps.txt"
-    step diff 150 $S1 --world --diffusers-baseline --frames 72 --timeout 140 --json "$OUT/diff.json"
+    for f in "$OUT"/prof*.log "$OUT"/s1_*.log; do tail -4 "$f"; done ;;
+n1-extra)  # the same-run references of n1-speed: the block-step before this session's changes, diffusers' sampling
     [ -d .old ] && (cd .old && step prof_old 100 "$PY" benchmarks/profile_step.py --backends fa3 --json "$OUT/prof_old.json")
-    for f in "$OUT"/prof*.log "$OUT"/s1_*.log "$OUT"/diff.log; do tail -4 "$f"; done ;;
+    step diff 150 $S1 --world --diffusers-baseline --frames 72 --timeout 140 --json "$OUT/diff.json"
+    for f in "$OUT"/prof_old.log "$OUT"/diff.log; do tail -4 "$f"; done ;;
 n1-length)
     step len 560 $S1 --world 1 --frames 257 --attention fa3 --timeout 540 --json "$OUT/len.json" ;;
-*) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+*) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
