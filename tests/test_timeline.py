@@ -184,3 +184,64 @@ def test_n_ranks_with_a_timeline_match_the_single_process_reference(world, no_le
         assert torch.equal(pool.generate(job), want), f"{world} rank(s) differ"
     finally:
         pool.close()
+
+
+# ------------------------------------------------------------------------------------------------ node layer
+def _node(name: str):
+    from test_nodes_unit import _pack_module  # the pack's node modules, imported as ComfyUI imports them
+
+    return _pack_module(name)
+
+
+def _entry(seed: int, tokens: int = 7, **extra):
+    return [[torch.randn(1, tokens, 4096, generator=torch.Generator().manual_seed(seed)),
+             {"pooled_output": None, **extra}]]
+
+
+def test_tags_are_read_back_in_start_order_whatever_the_combine_order():
+    P = _node("prompts")
+    assert P.start_frame(2.5, "seconds", 16) == 40 and P.start_frame(33, "frames", 16) == 33
+    with pytest.raises(ValueError, match="not a whole frame"):
+        P.start_frame(3.5, "frames", 16)
+    a, b, c = _entry(1), _entry(2), _entry(3)
+    chained = P.tag(b, 40, "storm", previous=P.tag(a, 0, "calm sea"))  # the node's `previous` chain
+    combined = P.tag(c, 80, "") + chained  # Conditioning Combine is list concatenation, in any order
+    # WanImageToVideo & co. copy each entry's dict and add keys (node_helpers.conditioning_set_values): written out
+    copied = [[t, {**d, "some_key_a_node_adds": None}] for t, d in combined]
+    track = P.read_track(copied, "positive", 4096)
+    assert track.starts == (0, 40, 80) and track.labels == ("calm sea", "storm", "prompt at frame 80")
+    assert all(torch.equal(x, y[0][0]) for x, y in zip(track.texts, (a, b, c)))
+    assert "dualparal_start" not in a[0][1]  # the input entries are not modified (ComfyUI caches them)
+
+
+def test_untagged_prompts_give_exactly_todays_job_and_mixed_tags_are_refused():
+    P = _node("prompts")
+    T = _node("types")
+    pos, neg = _entry(1), _entry(2, tokens=5)
+    cond, uncond, tl = P.conditionings(pos, neg, True, 4096, 8)
+    assert tl is None and torch.equal(cond, T.extract_conditioning(pos, "positive", 4096))
+    assert torch.equal(uncond, T.extract_conditioning(neg, "negative", 4096))
+    with pytest.raises(ValueError, match="holds 2 conditionings"):  # combined without tags: as before
+        P.conditionings(pos + neg, neg, True, 4096, 0)
+    with pytest.raises(ValueError, match="entry 2 has no DualParal Prompt At tag"):
+        P.conditionings(P.tag(pos, 0, "a") + _entry(3), neg, True, 4096, 0)
+    cond, uncond, tl = P.conditionings(pos, P.tag(neg, 0, "n1") + P.tag(_entry(4, 5), 20, "n2"), True, 4096, 0)
+    assert tl.negative.starts == (0, 20) and tl.positive.starts == (0,) and torch.equal(uncond, tl.negative.texts[0])
+    _, uncond, tl = P.conditionings(pos, P.tag(neg, 0, "n1"), False, 4096, 0)  # cfg 1: the negative is unused
+    assert tl is None and uncond is None
+    with pytest.raises(ValueError, match=r"positive \(storm\) carries 'concat_latent_image'"):
+        P.conditionings(P.tag(_entry(5, concat_latent_image=torch.zeros(1)), 0, "storm"), neg, True, 4096, 0)
+
+
+def test_status_line_names_the_newest_blocks_prompt_once_per_change():
+    from dualparal_core.schedule import Schedule
+
+    P = _node("prompts")
+    layout = BlockLayout(13, 2, 1)  # 6 blocks at video frames 0, 9, 17, 25, 33, 41
+    a, b = _texts(2, 2, 8, 0)
+    line = P.status_lines(Timeline(Track((a, b), (0, 17), ("sea", "storm"))), Schedule(layout, 2))
+    shown = [line(d) for d in range(1, 13)]  # items: b0 | b1 b0 | b2 b1 | b3 b2 | b4 b3 | b5 b4 | b5
+    assert [s for s in shown if s] == [f"block {j}/6: {p}" for j, p in
+                                       ((1, "sea"), (2, "sea"), (3, "storm"), (4, "storm"), (5, "storm"),
+                                        (6, "storm"))]
+    assert shown[2] is None  # block 1 is still the newest: nothing new to show
