@@ -348,6 +348,8 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
         for name in names:
             t, opts = spec[name][0], (spec[name][1] if len(spec[name]) > 1 else {})
             if isinstance(t, list) or t in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+                if not values and name in info["input_order"].get("optional", []):
+                    continue  # an optional widget newer than the workflow: the editor queues its default
                 inputs[name] = values.pop(0)
                 if opts.get("control_after_generate"):
                     values.pop(0)
