@@ -101,6 +101,29 @@ def test_text_kv_are_built_once_per_prompt_or_blend_and_freed_after_their_last_b
     assert seen["max_alive"] <= 2 and seen["alive"] == 0
 
 
+def test_two_experts_build_each_prompt_once_per_expert_and_skip_the_negative_without_cfg():
+    """Wan2.2 A14B: the high-noise expert at cfg 3 reads (positive, negative) blends, the low-noise one at cfg_low 1
+    the positive alone, so a negative that changes where the positive does not costs the low expert nothing."""
+    from test_experts import _diffusers, _stage
+
+    from dualparal_core.experts import Experts
+
+    cfg = WanConfig.tiny(num_layers=2)
+    high, low = _stage(cfg, _diffusers(cfg, 0)), _stage(cfg, _diffusers(cfg, 1))
+    a, b, n1, n2 = _texts(4, 6, cfg.text_dim, 5)
+    sc = SamplingConfig(sigmas=(1.0, 0.9, 0.5, 0.0), sampler="euler", cfg=3.0, cfg_low=1.0, seed=1,
+                        num_per_block=2, num_cat=1)  # steps 0, 1 high-noise, step 2 low-noise
+    # blocks at video frames 0, 9, 17: positive a b b, negative n1 n1 n2
+    tl = Timeline(Track((a, b), (0, 9)), Track((n1, n2), (0, 17)))
+    seen = {"high": _counting(high), "low": _counting(low)}
+    try:
+        run_single_process(Experts((high, low), 0.875), Job(sc, (1, 16, 7, 4, 4), a, n1, timeline=tl))
+    finally:
+        del high.prepare_text, low.prepare_text
+    assert seen["high"]["calls"] == 3 and seen["low"]["calls"] == 2  # (a,n1) (b,n1) (b,n2); a, b
+    assert seen["high"]["alive"] == seen["low"]["alive"] == 0
+
+
 def test_a_tag_on_the_negative_only_changes_the_negative_per_stretch(setup):  # noqa: F811
     """Documented rule: an untagged positive covers the whole video; a tagged negative changes per stretch."""
     cfg, ref, stage, cond, uncond = setup
