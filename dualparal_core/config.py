@@ -119,6 +119,11 @@ def split_layers(num_layers: int, world_size: int) -> list[range]:
     return out
 
 
+MAX_CONTEXT_TOKENS = 8 * 512
+"""Text tokens one prompt may have (cond and uncond each keep their own length: cross-attention runs per batch half
+when they differ): the umt5 prompt ComfyUI makes is 512 tokens; eight times that is already eight times the text
+K/V of every layer."""
+
 @dataclass(frozen=True)
 class BlockLayout:
     """How the latent frames are cut into blocks (DESIGN §2 "Blocks")."""

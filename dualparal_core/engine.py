@@ -26,9 +26,10 @@ from .comm import HEADER_STOP, Pipe
 from .experts import Experts, as_experts
 from .model import WanStage
 from .noise import initial_noise
-from .protocol import Job, pad_contexts
+from .protocol import Job
 from .samplers import make_sampler
 from .schedule import Item, Schedule
+from .timeline import TextBank
 
 #: progress(done_block_steps, total_block_steps, x0_preview_or_None)
 ProgressFn = Callable[[int, int, "torch.Tensor | None"], None]
@@ -74,18 +75,16 @@ class RankEngine:
         sc = job.sampling
         self.job, self.sc = job, sc
         self.layout = sc.layout(job.shape[2])
-        # per step: its expert; per expert: guidance scale, batch (2 with CFG) and text K/V (once per job)
+        # per step: its expert; per expert: guidance scale and batch (2 with CFG); text K/V per prompt (TextBank)
         self.expert = [self.model.expert(s) for s in sc.sigmas[:-1]]
         self.schedule = Schedule(self.layout, sc.steps, self.expert)  # each item's expert, right and keep frames
         self.cfg = [sc.guidance(e) for e in range(len(self.model))]
         self.batch = [2 if c != 1.0 else 1 for c in self.cfg]
-        self.text = {}
         for e in sorted(set(self.expert)):
             if self.batch[e] == 2 and job.uncond is None:
                 raise ValueError(f"cfg{'_low' if e else ''}={self.cfg[e]} needs a negative conditioning; connect "
                                  f"one or set it to 1.0.")
-            ctx = torch.cat(pad_contexts(job.cond, job.uncond), dim=0) if self.batch[e] == 2 else job.cond
-            self.text[e] = self.model.stages[e].prepare_text(ctx)
+        self.text = TextBank(self.model, job, self.schedule, self.batch)  # built lazily, freed after last use
         pt, ph, pw = self.model.config.patch_size
         self.hw = (job.shape[3] // ph) * (job.shape[4] // pw)
         self.grid_hw = (job.shape[3] // ph, job.shape[4] // pw)
@@ -111,9 +110,10 @@ class RankEngine:
         frames, _, _ = self._window(item)
         right, self._right = self._right, None  # released as its layers consume it (or at once if unused)
         e = item.expert
-        h, self._right = self.model.blocks_forward(h, self._temb(item.step)[0], self.text[e],
+        h, self._right = self.model.blocks_forward(h, self._temb(item.step)[0], self.text.take(item),
                                                    (frames, *self.grid_hw), right=right if item.right else None,
                                                    keep=self._keep(item), expert=e)
+        self.text.release(item)
         return h
 
     def _keep(self, item: Item) -> tuple[int, int] | None:
@@ -153,6 +153,7 @@ class RankEngine:
         for it in self.schedule.items:
             lsig, hsig = self._signatures(it)
             _, e, b, _, frames, right, keep = lsig
+            lsig = (*lsig, self.text.shape(it))  # and the text lengths its cross-attention reads
             if lsig not in self.warmed:
                 if self.model.has_embed:
                     h = self.model.stages[e].embed(torch.zeros(1, C, frames, H, W, device=dev))
@@ -163,7 +164,7 @@ class RankEngine:
                 if right:
                     z = torch.zeros(b, right * self.hw, dim, dtype=dtype, device=dev)
                     r = {i: (z, z) for i in self.model.layers}
-                self.model.blocks_forward(h, self._temb(it.step)[0], self.text[e], (frames, *self.grid_hw),
+                self.model.blocks_forward(h, self._temb(it.step)[0], self.text.warm(it), (frames, *self.grid_hw),
                                           right=r, keep=keep, expert=e)
                 self.warmed.add(lsig)
                 ran = True

@@ -127,7 +127,8 @@ def _deterministic_compiled(fn):
 
 @dataclass
 class TextKV:
-    """Cross-attention keys/values of one job, per layer: {layer: (k, v)} each [b, H, L_text, d]."""
+    """Cross-attention keys/values of one prompt (or blend), per layer: {layer: (k, v)} each [b, H, L_text, d], or
+    {layer: ((k, v), (k, v))}, one pair per batch half, when cond and uncond differ in length."""
 
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
 
@@ -318,7 +319,11 @@ class WanStage(nn.Module):
         x = h if isinstance(n2, nn.Identity) else ew["affine_norm"](h, n2.weight, n2.bias, n2.eps)
         c = blk.attn2
         q = ew["rms_heads"](c.to_q(x), c.norm_q.weight, c.norm_q.eps, c.heads)
-        o = attention(q, text_kv[0], text_kv[1], cross_backend(self.attention_backend))
+        if isinstance(text_kv[0], torch.Tensor):
+            o = attention(q, text_kv[0], text_kv[1], cross_backend(self.attention_backend))
+        else:  # cond and uncond of different lengths: one (k, v) per batch half (timeline.TextBank)
+            be = cross_backend(self.attention_backend)
+            o = torch.cat([attention(q[i:i + 1], k, v, be) for i, (k, v) in enumerate(text_kv)])
         h, x = ew["add_modulate"](h, c.to_out[0](o.transpose(1, 2).flatten(2)), c_shift, c_scale, eps)
         h = ew["gated_residual"](h, feed_forward(blk.ffn, x, self.ffn_epilogue), c_gate)
         return h, saved

@@ -17,10 +17,14 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from .config import SamplingConfig, WanConfig
+from .config import MAX_CONTEXT_TOKENS, SamplingConfig, WanConfig
+
+if TYPE_CHECKING:
+    from .timeline import Timeline
 
 # parent -> rank 0
 OP_SPEC = "spec"  # the attach hello: {"model": PoolSpec | None, "version", "client"}; answered by READY or ERROR
@@ -116,9 +120,6 @@ def read_store(kind: str, raw: bytes) -> dict | None:
     return value
 
 
-MAX_CONTEXT_TOKENS = 8 * 512
-"""Text tokens a job's block-steps may attend to, after cond and uncond are padded to one length (their lcm): the
-umt5 prompt ComfyUI makes is 512 tokens; eight times that is already eight times the text K/V of every layer."""
 RANK0_LATENT_COPIES = 4
 """How many float32 copies of the whole latent video rank 0's host holds while sampling (a bound, for the check)."""
 
@@ -140,6 +141,9 @@ class Job:
     """Explicit initial noise [B, C, T, H, W] (tests); None: drawn from sampling.seed / noise_mode."""
     preview: bool = False
     """Whether progress events carry the x0 of the block just stepped (for ComfyUI's latent previews)."""
+    timeline: Timeline | None = None
+    """A prompt per stretch of the video (:mod:`~dualparal_core.timeline`); None: ``cond`` (and ``uncond``) for
+    every block. With a timeline, ``cond``/``uncond`` are its first prompts."""
 
     def validate(self, config: WanConfig) -> None:
         """Raise ValueError naming the input, the value and what would work, before any GPU work."""
@@ -169,6 +173,8 @@ class Job:
             if not torch.isfinite(ctx).all():
                 raise ValueError(f"{name} conditioning contains NaN or infinite values.")
         self._check_tokens()
+        if self.timeline is not None:
+            self.timeline.validate(config, self.sampling.layout(t))
         self._check_memory()
         for name, tens in (("latent_image", self.latent), ("noise", self.noise)):
             if tens is None:
@@ -179,20 +185,12 @@ class Job:
                 raise ValueError(f"{name} contains NaN or infinite values; it cannot be sampled from.")
 
     def _check_tokens(self) -> None:
-        """The text every block-step attends to: cond and uncond repeated to their lcm (pad_contexts)."""
-        a = self.cond.shape[1]
-        b = self.uncond.shape[1] if self.uncond is not None else None
-        n = a if b is None else a * b // math.gcd(a, b)
-        if n <= MAX_CONTEXT_TOKENS:
-            return
-        fix = ("Keep each prompt within 512 tokens (CLIP Text Encode pads a shorter Wan prompt to 512, so both come "
-               "out the same length), or give both the same number of tokens.")
-        if b is None:
-            raise ValueError(f"positive has {a} tokens, more than the {MAX_CONTEXT_TOKENS} (8 x 512) the sampler "
-                             f"accepts. {fix}")
-        raise ValueError(f"positive has {a} tokens and negative {b}: with CFG both are repeated to their least "
-                         f"common multiple, {n} tokens, more than the {MAX_CONTEXT_TOKENS} (8 x 512) the sampler "
-                         f"accepts. {fix}")
+        """Each prompt within MAX_CONTEXT_TOKENS (cond and uncond keep their own lengths)."""
+        for name, ctx in (("positive", self.cond), ("negative", self.uncond)):
+            if ctx is not None and ctx.shape[1] > MAX_CONTEXT_TOKENS:
+                raise ValueError(f"{name} has {ctx.shape[1]} tokens, more than the {MAX_CONTEXT_TOKENS} (8 x 512) "
+                                 f"the sampler accepts. Keep each prompt within 512 tokens (CLIP Text Encode pads "
+                                 f"a shorter Wan prompt to 512).")
 
     def _check_memory(self) -> None:
         """Rank 0 holds the whole video in float32 a few times (latents, noise, result, transfer): refuse what this
@@ -219,7 +217,8 @@ class Job:
 
 
 def pad_contexts(cond: torch.Tensor, uncond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bring cond and uncond to one token count as ComfyUI batches cross-attention conds (repeat to the lcm)."""
+    """Bring cond and uncond to one token count as ComfyUI batches cross-attention conds (repeat to the lcm). The
+    engine no longer pads (it keeps each length and splits cross-attention); the tests use it as a reference."""
     a, b = cond.shape[1], uncond.shape[1]
     if a == b:
         return cond, uncond

@@ -203,12 +203,13 @@ def release(handle: DualParalModel, reason: str) -> None:
     REGISTRY.release(handle.key, reason)
 
 
-def run_job(handle: DualParalModel, pool, job, node_id: str | None) -> torch.Tensor:
+def run_job(handle: DualParalModel, pool, job, node_id: str | None, on_done=None) -> torch.Tensor:
     """``pool.generate`` with ComfyUI's progress bar (block-steps), latent previews and Cancel.
 
     Only this (the node's) thread touches ComfyUI's interrupt flag: the progress hook would raise
     InterruptProcessingException inside the pool's loop, so progress is skipped once the flag is set and
     ``should_cancel`` lets the pool stop its workers cleanly; the exception is raised here afterwards.
+    ``on_done(done)`` (optional) is called after every block-step too (the prompt timeline's status line).
     """
     previewer = latent_preview.get_previewer(torch.device("cpu"), latent_format()) if job.preview else None
     pbar = comfy.utils.ProgressBar(job.num_block_steps, node_id=node_id)
@@ -216,6 +217,8 @@ def run_job(handle: DualParalModel, pool, job, node_id: str | None) -> torch.Ten
     def on_progress(done: int, total: int, x0) -> None:
         if mm.processing_interrupted():
             return
+        if on_done is not None:
+            on_done(done)
         preview = None
         if previewer is not None and x0 is not None:
             try:

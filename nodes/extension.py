@@ -8,8 +8,10 @@ from .decode import DualParalBlockDecode
 from .loader import DualParalLoader
 from .lora import DualParalLoRA
 from .sampler import DualParalSampler
+from .timeline import DualParalPromptAt
 
-NODES: list[type[io.ComfyNode]] = [DualParalLoader, DualParalLoRA, DualParalSampler, DualParalBlockDecode]
+NODES: list[type[io.ComfyNode]] = [DualParalLoader, DualParalLoRA, DualParalSampler, DualParalBlockDecode,
+                                   DualParalPromptAt]
 
 
 class DualParalExtension(ComfyExtension):

@@ -9,11 +9,12 @@ from dualparal_core.protocol import Job
 
 from . import bridge
 from .bridge import ModelSocket, io
+from .prompts import conditionings
+from .timeline import TRANSITION_INPUT, job_status
 from .types import (
     DualParalModel,
     check_latent_dict,
     check_latent_shape,
-    extract_conditioning,
     from_model_space,
     missing_gpus,
     output_latent,
@@ -77,7 +78,7 @@ class DualParalSampler(io.ComfyNode):
                                tooltip="Guidance of the low-noise expert when the Loader has one (Wan2.2 A14B), "
                                        "e.g. 1.0 with a distilled (lightx2v) LoRA on it. Negative (-1): the same "
                                        "as cfg. Ignored with one model."),
-            ],
+                TRANSITION_INPUT],
             outputs=[io.Latent.Output(display_name="LATENT", tooltip="Denoised latent, raw VAE space.")],
             hidden=[io.Hidden.unique_id],
         )
@@ -85,7 +86,8 @@ class DualParalSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed: int, steps: int, cfg: float,
                 sampler_name: str, scheduler: str, shift: float, denoise: float, num_per_block: int,
-                num_cat: int, noise_mode: str, sigmas=None, cfg_low: float = -1.0) -> io.NodeOutput:
+                num_cat: int, noise_mode: str, sigmas=None, cfg_low: float = -1.0,
+                transition: int = 0) -> io.NodeOutput:
         if not isinstance(model, DualParalModel):
             raise ValueError("model is not a DUALPARAL_MODEL; connect a DualParal Loader (ComfyUI MODEL outputs "
                              "cannot be used by the DualParal Sampler).")
@@ -96,10 +98,9 @@ class DualParalSampler(io.ComfyNode):
         cfgm = model.config
         samples = bridge.fix_latent(check_latent_dict(latent_image))
         check_latent_shape(samples, cfgm)
-        cond = extract_conditioning(positive, "positive", cfgm.text_dim)
         low = float(cfg_low) if getattr(model, "experts", 1) == 2 and cfg_low is not None and cfg_low >= 0 else None
         guided = cfg != 1.0 or (low is not None and low != 1.0)
-        uncond = extract_conditioning(negative, "negative", cfgm.text_dim) if guided else None
+        cond, uncond, timeline = conditionings(positive, negative, guided, cfgm.text_dim, transition or 0)
         table = _sigma_table(sigmas, steps, sampler_name, scheduler, shift, denoise)
         if table.numel() < 2:  # denoise 0 (or an empty SIGMAS): KSampler returns the latent unchanged
             return io.NodeOutput(output_latent(latent_image, samples))
@@ -111,11 +112,13 @@ class DualParalSampler(io.ComfyNode):
         if noise_mode == "independent" and latent_image.get("batch_index") is not None:
             noise = bridge.prepare_noise(samples, seed, latent_image["batch_index"])
         job = Job(sampling=sc, shape=tuple(samples.shape), cond=cond, uncond=uncond,
-                  latent=to_model_space(samples, fmt), noise=noise, preview=bridge.previews_enabled())
+                  latent=to_model_space(samples, fmt), noise=noise, preview=bridge.previews_enabled(),
+                  timeline=timeline)
         job.validate(cfgm)  # every remaining check, before any GPU work
+        node_id = cls.hidden.unique_id if cls.hidden else None
         pool = bridge.acquire(model)
         try:
-            x = bridge.run_job(model, pool, job, cls.hidden.unique_id if cls.hidden else None)
+            x = bridge.run_job(model, pool, job, node_id, job_status(job, node_id))
         finally:
             if not model.keep_alive:
                 bridge.release(model, "keep_alive is off")

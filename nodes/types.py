@@ -91,8 +91,9 @@ def extract_conditioning(cond, name: str, text_dim: int) -> torch.Tensor:
         raise ValueError(f"{name} is not a CONDITIONING (got {type(cond).__name__}); connect a CLIP Text Encode.")
     if len(cond) > 1:
         raise ValueError(f"{name} holds {len(cond)} conditionings (from Conditioning Combine/Concat or area "
-                         f"nodes); DualParal Sampler uses one prompt for the whole video. Connect a single "
-                         f"CLIP Text Encode (Conditioning Concat of the texts' embeddings works too).")
+                         f"nodes); DualParal Sampler uses one prompt for the whole video unless each is tagged "
+                         f"with DualParal Prompt At (a prompt timeline). Connect a single CLIP Text Encode "
+                         f"(Conditioning Concat of the texts' embeddings works too), or tag each prompt.")
     entry = cond[0]
     if not isinstance(entry, (list, tuple)) or len(entry) != 2 or not isinstance(entry[0], torch.Tensor):
         raise ValueError(f"{name} is not a CONDITIONING entry [tensor, dict]; connect a CLIP Text Encode.")

@@ -142,7 +142,9 @@ def _recording_engine(stage):
 
     def bf(h, tproj, text, grid, right=None, keep=None, expert=0):
         r = None if right is None else next(iter(right.values()))[0].shape
-        calls[phase[0]].append(("layers", tuple(h.shape), tuple(grid), r, keep, expert, text.kv[0][0].shape[0]))
+        kv = text.kv[0]  # (k, v), or one (k, v) per batch half when cond and uncond differ in length
+        ts = tuple(kv[0].shape) if isinstance(kv[0], torch.Tensor) else tuple(tuple(p[0].shape) for p in kv)
+        calls[phase[0]].append(("layers", tuple(h.shape), tuple(grid), r, keep, ts, expert, h.shape[0]))
         return inner_bf(h, tproj, text, grid, right=right, keep=keep, expert=expert)
 
     def head(item, h):

@@ -334,4 +334,4 @@ def test_loading_the_pack_imports_no_diffusers_and_no_model_code():
             f"'dualparal_core.engine', 'safetensors')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "4 []"
+    assert out.stdout.strip() == "5 []"

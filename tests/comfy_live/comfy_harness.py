@@ -129,6 +129,7 @@ class WSListener:
     def __init__(self, url: str, client_id: str):
         self.messages: list[tuple[float, dict]] = []
         self.binary: list[float] = []  # arrival times of binary frames (latent previews)
+        self.binary_data: list[bytes] = []  # their bytes (event type, then payload: previews, status texts)
         self._url, self._cid = url, client_id
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -150,6 +151,7 @@ class WSListener:
                     self.messages.append((time.monotonic(), json.loads(msg.data)))
                 elif msg.type == aiohttp.WSMsgType.BINARY:
                     self.binary.append(time.monotonic())
+                    self.binary_data.append(bytes(msg.data))
                 elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                     break
 

@@ -91,7 +91,8 @@ def test_nodes_registered_with_tooltips(server):
     info = server.get("/object_info")
     want = {"DualParalLoader": ("DualParal Loader", ["DUALPARAL_MODEL"]),
             "DualParalLoRA": ("DualParal LoRA", ["DUALPARAL_LORAS"]),
-            "DualParalSampler": ("DualParal Sampler", ["LATENT"])}
+            "DualParalSampler": ("DualParal Sampler", ["LATENT"]),
+            "DualParalPromptAt": ("DualParal Prompt At", ["CONDITIONING"])}
     for node_id, (display, outputs) in want.items():
         n = info[node_id]
         assert n["display_name"] == display and n["category"] == "DualParal" and n["output"] == outputs
@@ -100,7 +101,7 @@ def test_nodes_registered_with_tooltips(server):
             for name, spec in n["input"].get(section, {}).items():
                 assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
     assert info["DualParalSampler"]["input_order"]["required"] == SAMPLER_INPUTS
-    assert info["DualParalSampler"]["input_order"]["optional"] == ["sigmas", "cfg_low"]
+    assert info["DualParalSampler"]["input_order"]["optional"] == ["sigmas", "cfg_low", "transition"]
     assert info["DualParalLoader"]["input_order"] == {
         "required": ["unet_name", "devices", "dtype", "attention", "keep_alive"],
         "optional": ["loras", "low_noise_unet_name", "boundary", "weights"]}
@@ -300,6 +301,7 @@ def test_unload_models_releases_the_workers_and_keep_alive_off(server):
 def tinify(api: dict) -> dict:
     """A shipped workflow at test size: test conditioning instead of the text encoder, 32x32x21, cpu:2 fp32."""
     g = copy.deepcopy(api)
+    lengths = [n["inputs"]["length"] for n in g.values() if n["class_type"] == "EmptyHunyuanLatentVideo"]
     for nid, node in list(g.items()):
         ct, inp = node["class_type"], node["inputs"]
         if ct == "CLIPLoader":
@@ -311,7 +313,10 @@ def tinify(api: dict) -> dict:
         elif ct == "DualParalLoader":
             inp.update(devices="cpu:2", dtype="fp32")
         elif ct == "DualParalSampler":
-            inp.update(steps=2, num_per_block=2, num_cat=1)
+            inp.update(steps=2, num_per_block=2, num_cat=1, **({"transition": 4} if "transition" in inp else {}))
+        elif ct == "DualParalPromptAt":  # a prompt timeline: the same stretches, scaled to the 21 frames
+            frame = round(inp["start"] * inp["fps"]) if inp["unit"] == "seconds" else int(inp["start"])
+            inp.update(unit="frames", start=float(frame * 21 // lengths[0]))
     return g
 
 
@@ -343,6 +348,8 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
         for name in names:
             t, opts = spec[name][0], (spec[name][1] if len(spec[name]) > 1 else {})
             if isinstance(t, list) or t in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+                if not values and name in info["input_order"].get("optional", []):
+                    continue  # an optional widget newer than the workflow: the editor queues its default
                 inputs[name] = values.pop(0)
                 if opts.get("control_after_generate"):
                     values.pop(0)

@@ -76,7 +76,7 @@ def test_new_inputs_are_optional_widgets(server):
     low = info["DualParalLoader"]["input"]["optional"]["low_noise_unet_name"]
     assert low[1]["options"][0] == "none" and MODEL_LOW in low[1]["options"] and low[1]["default"] == "none"
     assert info["DualParalLoader"]["input"]["optional"]["boundary"][1]["default"] == 0.875
-    assert info["DualParalSampler"]["input_order"]["optional"] == ["sigmas", "cfg_low"]
+    assert info["DualParalSampler"]["input_order"]["optional"] == ["sigmas", "cfg_low", "transition"]
     assert info["DualParalSampler"]["input"]["optional"]["cfg_low"][1]["default"] == -1.0
     assert info["DualParalLoRA"]["input_order"]["optional"] == ["previous", "expert"]
     assert info["DualParalLoRA"]["input"]["optional"]["expert"][1]["options"] == ["both", "high", "low"]
