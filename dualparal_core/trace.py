@@ -15,9 +15,15 @@ from pathlib import Path
 import torch
 
 
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """int64 sum of a tensor's bit patterns: equal for equal tensors, different for almost any 1-ulp change."""
-    return t.view(torch.int16 if t.element_size() == 2 else torch.int32).sum(dtype=torch.int64)
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bits(t: torch.Tensor | tuple) -> torch.Tensor:
+    """int64 sum of a tensor's bit patterns (of each tensor, for a function returning several): equal for equal
+    tensors, different for almost any 1-ulp change."""
+    if isinstance(t, (tuple, list)):
+        return sum((bits(x) for x in t), torch.zeros((), dtype=torch.int64, device=t[0].device))
+    return t.view(_INT_OF_SIZE[t.element_size()]).sum(dtype=torch.int64)
 
 
 def install_trace(engine, out_dir: str) -> None:
