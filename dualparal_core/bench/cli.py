@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -85,24 +84,16 @@ class BenchPlan:
 
 
 def _numbers(args: argparse.Namespace) -> None:
-    from dualparal_core.headless.checks import SIZE_MULTIPLE, FlagError
+    from dualparal_core.headless.checks import FlagError, check_blocks, check_positive, check_sizes
 
-    for flag, v in (("--width", args.width), ("--height", args.height)):
-        if v < SIZE_MULTIPLE or v % SIZE_MULTIPLE:
-            raise FlagError(flag, v, f"must be a positive multiple of {SIZE_MULTIPLE} (e.g. 480 or 832)")
+    check_sizes(args)
     bad = [f for f in args.frames if f < 1]
     if bad:
         raise FlagError("--frames", bad[0], "latent frames must be at least 1 (72 latent frames = 285 video frames)")
     if not 1 <= args.steps <= 1000:
         raise FlagError("--steps", args.steps, "must lie between 1 and 1000 (10 for S1)")
-    for flag, v in (("--cfg", args.cfg), ("--shift", args.shift), ("--timeout", args.timeout)):
-        if not math.isfinite(v) or v < 0 or (v == 0 and flag != "--cfg"):
-            raise FlagError(flag, v, "must be a finite positive number" + (" (1 disables guidance)"
-                                                                           if flag == "--cfg" else ""))
-    if args.num_per_block < 1:
-        raise FlagError("--num-per-block", args.num_per_block, "must be at least 1 latent frame (8 is usual)")
-    if not 0 <= args.num_cat <= args.num_per_block:
-        raise FlagError("--num-cat", args.num_cat, f"must lie between 0 and --num-per-block={args.num_per_block}")
+    check_positive((("--cfg", args.cfg), ("--shift", args.shift), ("--timeout", args.timeout)))
+    check_blocks(args)
     if args.warmup < 0:
         raise FlagError("--warmup", args.warmup, "must be 0 or more runs (1 is usual)")
     if args.baseline_steps is not None and not 1 <= args.baseline_steps <= args.steps:

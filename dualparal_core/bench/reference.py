@@ -79,7 +79,9 @@ def _stub_lightning() -> None:
         torch.manual_seed(seed)
         return seed
 
-    sys.modules["pytorch_lightning"] = types.SimpleNamespace(seed_everything=seed_everything)
+    stub = types.ModuleType("pytorch_lightning")
+    stub.seed_everything = seed_everything
+    sys.modules["pytorch_lightning"] = stub
 
 
 def load_example(root: str):

@@ -1,0 +1,134 @@
+"""``python -m dualparal_core bench`` on CPU: the FLOP formula against torch's own FLOP counter, the whole run (our
+engine through the pool and the diffusers baseline in a process of its own) with its JSON rows, and bad flags
+refused in one line before anything starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+
+from dualparal_core.__main__ import main
+from dualparal_core.bench.flops import block_step_flops, item_flops
+from dualparal_core.config import BlockLayout, WanConfig
+
+
+def test_block_step_flops_equal_torchs_flop_counter():
+    """An independent count: torch.utils.flop_counter over one block-step of a two-layer stage, with right-context
+    K/V and a window that keeps K/V for its neighbour. The math SDPA kernel is pinned because FlopCounterMode counts
+    its bmm's (it has no formula for the CPU flash kernel); the text K/V are made before counting (once per job)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dualparal_core.model import WanStage
+
+    cfg = WanConfig(dim=256, ffn_dim=384, num_layers=2, num_heads=2, text_dim=64, freq_dim=32)
+    stage = WanStage(cfg, range(2), embed=False, head=False, attention_backend="sdpa_math")
+    stage.init_random(0)
+    b, frames, gh, gw, text_tokens = 2, 3, 2, 4, 7
+    lq, r = frames * gh * gw, gh * gw  # one frame of right context
+    g = torch.Generator().manual_seed(0)
+    text = stage.prepare_text(torch.randn(b, text_tokens, cfg.text_dim, generator=g))
+    h, tproj = torch.randn(b, lq, cfg.dim, generator=g), torch.randn(b, 6, cfg.dim, generator=g)
+    right = {i: (torch.randn(b, r, cfg.dim, generator=g), torch.randn(b, r, cfg.dim, generator=g)) for i in range(2)}
+    with FlopCounterMode(display=False) as counter:
+        stage.blocks_forward(h, tproj, text, (frames, gh, gw), right=right, keep=(0, r))
+    assert counter.get_total_flops() == block_step_flops(cfg, lq, lq + r, b, text=text_tokens)
+    # and the schedule's per-item counts use the window and right context of each block-step
+    layout = BlockLayout(7, 2, 2)
+    per_item = item_flops(cfg, layout, 2, gh * gw, b)
+    assert len(per_item) == layout.num_blocks * 2 and min(per_item) < max(per_item)
+
+
+def test_bench_runs_ours_and_the_baseline_on_cpu(tmp_path, capsys, no_leftover_workers):
+    out = tmp_path / "rows.json"
+    code = main(["bench", "--model", "tiny", "--devices", "cpu", "--frames", "6", "--steps", "2", "--height", "32",
+                 "--width", "32", "--num-per-block", "2", "--num-cat", "1", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    data = json.loads(out.read_text())
+    assert data["P"] == 2 and data["K"] == 1 and data["steps"] == 2
+    rows = {r["kind"]: r for r in data["rows"]}
+    assert set(rows) == {"ours", "fullseq-sdpa"}
+    tpf = (32 // 16) * (32 // 16)
+    for kind, r in rows.items():
+        for key in ("name", "gpus", "frames", "video_frames", "seconds", "block_steps", "flops",
+                    "flops_per_block_step", "tflops_per_gpu", "peak_gib", "time_vs_ours"):
+            assert key in r, (kind, key)
+        assert r["frames"] == 6 and r["video_frames"] == 21 and r["seconds"] > 0 and r["gpus"] == 1
+        assert r["tflops_per_gpu"] == pytest.approx(r["flops"] / r["seconds"] / 1e12)
+    ours, base = rows["ours"], rows["fullseq-sdpa"]
+    assert ours["block_steps"] == BlockLayout(6, 2, 1).num_blocks * 2 and ours["time_vs_ours"] == 1.0
+    assert base["block_steps"] == 2  # the whole video per step
+    assert base["flops_per_block_step"] == block_step_flops(WanConfig.tiny(num_layers=4), 6 * tpf, 6 * tpf, 2)
+    assert base["finite"] and base["time_vs_ours"] == pytest.approx(base["seconds"] / ours["seconds"])
+    table = text[text.index("| setting |"):].splitlines()
+    assert [line.split(" | ")[0] for line in table[2:4]] == ["| ours N=1", "| full-sequence diffusers SDPA"]
+
+
+BAD = [
+    (["--num-cat", "9"], "--num-cat=9"),
+    (["--frames", "72", "0"], "--frames=0"),
+    (["--width", "830"], "--width=830"),
+    (["--steps", "0"], "--steps=0"),
+    (["--baseline-steps", "11"], "--baseline-steps=11"),
+    (["--devices", "cuda:3"], "--devices='cuda:3'"),
+    (["--devices", "cpu:9"], "--devices='cpu:9'"),  # the tiny model has 4 layers
+    (["--ulysses"], "--ulysses=True"),
+    (["--baseline-attention", "fa3"], "--baseline-attention='fa3'"),
+    (["--attention", "flash9"], "--attention='flash9'"),
+    (["--reference", "/nonexistent/DualParal"], "--reference='/nonexistent/DualParal'"),
+    (["--json", "/tmp"], "--json='/tmp'"),
+]
+
+
+@pytest.mark.parametrize("flags,named", BAD, ids=[b[0][0] for b in BAD])
+def test_bad_flags_are_refused_in_one_line_before_anything_starts(flags, named, monkeypatch, capsys):
+    def started(*a, **kw):
+        raise AssertionError("a process was started for a refused flag")
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # whatever this machine has, the flags see no GPU
+    monkeypatch.setattr(subprocess, "Popen", started)
+    monkeypatch.setattr("dualparal_core.pool.WorkerPool.start", started)
+    code = main(["bench", "--model", "tiny", "--devices", "cpu", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and named in err, err
+
+
+def test_an_unknown_model_is_refused_by_the_parser_in_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--model", "7b"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--model: invalid choice: '7b'" in err, err
+
+
+def test_a_folder_that_is_no_dualparal_checkout_is_named(tmp_path, capsys):
+    assert main(["bench", "--model", "tiny", "--devices", "cpu", "--reference", str(tmp_path)]) == 2
+    assert "lacks examples/DualParal_Wan.py" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.environ.get("DUALPARAL_REFERENCE"), reason="set DUALPARAL_REFERENCE to a checkout of "
+                                                                      "DualParal-Project/DualParal")
+def test_the_published_pipeline_runs_a_block_step_on_our_stand_in():
+    """Our stand-in for the published example's prepare_model, against the checkout's own pipeline code and this
+    diffusers: its get_model_args and one onestep (no NCCL) run and give the latent's shape."""
+    import sys
+    import types
+
+    from dualparal_core.bench import reference as ref
+
+    mod = ref.load_example(os.environ["DUALPARAL_REFERENCE"])
+    spec = dict(dtype="fp32", height=32, width=32, steps=3, shift=3.0, cfg=5.0, P=2, K=1, frames=4)
+    argv, sys.argv = sys.argv, ref.example_argv(spec, "/tmp/unused")
+    try:
+        args = mod._parse_args()
+    finally:
+        sys.argv = argv
+    pc = types.SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
+    pipe, channels = ref.prepare_model(mod, WanConfig.tiny(num_layers=2), args, pc, mod.RuntimeConfig(0, "fp32"))
+    pipe.get_model_args(prompt="a", negative_prompt="b", num_inference_steps=3, guidance_scale=5.0)
+    block = types.SimpleNamespace(z=torch.randn(1, channels, 3, args.height, args.width), denoise_time=0)
+    assert pipe.onestep(block, latent_size=block.z.size()).shape == (1, 16, 3, 4, 4)
+    assert len(pipe.timesteps) == 3 and pipe.scheduler.config.solver_type == "bh2"
