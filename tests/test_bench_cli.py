@@ -55,7 +55,7 @@ def test_bench_runs_ours_and_the_baseline_on_cpu(tmp_path, capsys, no_leftover_w
     tpf = (32 // 16) * (32 // 16)
     for kind, r in rows.items():
         for key in ("name", "gpus", "frames", "video_frames", "seconds", "block_steps", "flops",
-                    "flops_per_block_step", "tflops_per_gpu", "peak_gib", "time_vs_ours"):
+                    "flops_per_block_step", "ms_per_block_step", "tflops_per_gpu", "peak_gib", "time_vs_ours"):
             assert key in r, (kind, key)
         assert r["frames"] == 6 and r["video_frames"] == 21 and r["seconds"] > 0 and r["gpus"] == 1
         assert r["tflops_per_gpu"] == pytest.approx(r["flops"] / r["seconds"] / 1e12)
@@ -111,24 +111,48 @@ def test_a_folder_that_is_no_dualparal_checkout_is_named(tmp_path, capsys):
 
 @pytest.mark.skipif(not os.environ.get("DUALPARAL_REFERENCE"), reason="set DUALPARAL_REFERENCE to a checkout of "
                                                                       "DualParal-Project/DualParal")
-def test_the_published_pipeline_runs_a_block_step_on_our_stand_in():
+def test_the_published_pipeline_runs_its_block_steps_on_our_stand_in():
     """Our stand-in for the published example's prepare_model, against the checkout's own pipeline code and this
-    diffusers: its get_model_args and one onestep (no NCCL) run and give the latent's shape."""
-    import sys
+    diffusers, without NCCL: a one-GPU block-step, then two ranks' halves of a block-step pair as its main calls
+    them (the newer block first, leaving the K/V cache that the older one reads), with the shapes its main expects."""
     import types
 
     from dualparal_core.bench import reference as ref
 
     mod = ref.load_example(os.environ["DUALPARAL_REFERENCE"])
+    P, K, C = 2, 1, 16
+
+    def pipe(rank: int, world: int):
+        args = _example_args(mod, ref)
+        pc = types.SimpleNamespace(rank=rank, world_size=world, device=torch.device("cpu"))
+        p, _ = ref.prepare_model(mod, WanConfig.tiny(num_layers=2), args, pc, mod.RuntimeConfig(0, "fp32"))
+        p.get_model_args(prompt="a", negative_prompt="b", num_inference_steps=3, guidance_scale=5.0)
+        return p, args
+
+    one, args = pipe(0, 1)
+    blk = types.SimpleNamespace(z=torch.randn(1, C, P + K, args.height, args.width), denoise_time=0)
+    assert one.onestep(blk, latent_size=blk.z.size()).shape == (1, C, P + K, 4, 4)
+    assert len(one.timesteps) == 3 and one.scheduler.config.solver_type == "bh2"
+    first, last = pipe(0, 2)[0], pipe(1, 2)[0]
+    tokens = first.onestep(types.SimpleNamespace(z=torch.randn(1, C, P, 4, 4), denoise_time=0),
+                           latent_size=(1, C, P, 4, 4)).shape[1]  # its warm-up: Block_latents_size[1]
+    for stage in (first, last):
+        stage.cache, x = [], None
+        for frames in (P + K, P + K):  # the newer block (no cache yet), then the older one (with its cache)
+            z = torch.randn(1, C, frames, 4, 4) if stage is first else torch.randn(2, frames * 4, 128)
+            out = stage.onestep(types.SimpleNamespace(z=z, denoise_time=1), latent_size=(1, C, frames, 4, 4),
+                                latent_num=tokens, select=K, select_all=P)
+            x = out if x is None else x
+        assert len(stage.cache) == 1  # one K/V cache per layer of its half (one of two)
+    assert x.shape == (1, C, P + K, 4, 4) and out.shape == (1, C, P + K, 4, 4)
+
+
+def _example_args(mod, ref):
+    import sys
+
     spec = dict(dtype="fp32", height=32, width=32, steps=3, shift=3.0, cfg=5.0, P=2, K=1, frames=4)
     argv, sys.argv = sys.argv, ref.example_argv(spec, "/tmp/unused")
     try:
-        args = mod._parse_args()
+        return mod._parse_args()
     finally:
         sys.argv = argv
-    pc = types.SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
-    pipe, channels = ref.prepare_model(mod, WanConfig.tiny(num_layers=2), args, pc, mod.RuntimeConfig(0, "fp32"))
-    pipe.get_model_args(prompt="a", negative_prompt="b", num_inference_steps=3, guidance_scale=5.0)
-    block = types.SimpleNamespace(z=torch.randn(1, channels, 3, args.height, args.width), denoise_time=0)
-    assert pipe.onestep(block, latent_size=block.z.size()).shape == (1, 16, 3, 4, 4)
-    assert len(pipe.timesteps) == 3 and pipe.scheduler.config.solver_type == "bh2"

@@ -25,7 +25,7 @@ PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 class Bench:
     def __init__(self, args: argparse.Namespace, plan: BenchPlan):
-        self.args, self.plan, self.rows = args, plan, []
+        self.args, self.plan, self.rows, self.latents = args, plan, [], {}
         self.tpf = (args.height // 16) * (args.width // 16)
         self.b = 2 if args.cfg != 1 else 1
         from dualparal_core.sigmas import simple_sigmas
@@ -55,14 +55,20 @@ class Bench:
 
     # ---------------------------------------------------------------- ours
     def ours(self) -> None:
+        """Our rows: one pool per weight mode (bf16, then fp8 weights with --fp8), every length on it."""
+        for weights in ("dequant", "fp8") if self.args.fp8 else ("dequant",):
+            self._ours_pool(weights)
+
+    def _ours_pool(self, weights: str) -> None:
         from dualparal_core.bench import ours as engine
 
         a, p = self.args, self.plan
-        name = f"ours N={len(p.devices)}" + (" fp8 weights" if a.fp8 else "")
-        base = dict(kind="ours", name=name, gpus=len(p.devices))
+        fp8 = weights == "fp8"
+        base = dict(kind="ours-fp8" if fp8 else "ours", name=f"ours N={len(p.devices)}" + (" fp8 weights" * fp8),
+                    gpus=len(p.devices), weights=weights, attention=a.attention)
         try:
             pool = engine.start_pool(p.config, p.devices, dtype=p.dtype, attention=a.attention, compile=a.compile,
-                                weights="fp8" if a.fp8 else "dequant", timeout=a.timeout)
+                                     weights=weights, timeout=a.timeout)
         except Exception as e:
             for f in a.frames:
                 self.add(dict(base, frames=f, error=f"pool did not start: {type(e).__name__}: {e}"[:300]),
@@ -70,23 +76,30 @@ class Bench:
             return
         try:
             for f in a.frames:
-                self.add(dict(base, frames=f, **self._ours_row(engine, pool, f)), self.our_flops(f))
+                self.add(dict(base, frames=f, **self._ours_row(engine, pool, f, fp8)), self.our_flops(f))
         finally:
             pool.close()
 
-    def _ours_row(self, engine, pool, frames: int) -> dict:
+    def _ours_row(self, engine, pool, frames: int, fp8: bool) -> dict:
         a, P, K = self.args, self.args.num_per_block, self.args.num_cat
         kw = dict(sampler=a.sampler, cfg=a.cfg, shift=a.shift)
         job = engine.make_job(self.plan.config, frames, a.steps, P, K, a.height, a.width, **kw)
         table_ = engine.warmup_table(self.sigmas)
-        warm = engine.make_job(self.plan.config, engine.warmup_frames(frames, P, K), len(table_) - 1, P, K, a.height,
-                          a.width, sigma_table=table_, **kw)
+        warm = engine.make_job(self.plan.config, engine.warmup_frames(frames, P, K), len(table_) - 1, P, K,
+                               a.height, a.width, sigma_table=table_, **kw)
         try:
             res = engine.timed(pool, job, warm, a.warmup)
         except Exception as e:
             return dict(error=f"{type(e).__name__}: {' '.join(str(e).split())}"[:300])
-        res["steady_tflops_per_gpu"] = (F.steady_rate(res["ticks"], self.our_flops(frames)) or 0) / \
-            len(self.plan.devices) / 1e12 or None
+        lat = res.pop("latents").float()
+        res["finite"] = bool(lat.isfinite().all())
+        if not fp8:
+            self.latents[frames] = lat
+        elif frames in self.latents:  # the same job (seed, noise) with unquantised weights: the final latents' error
+            ref = self.latents[frames]
+            res["latent_rel_err"] = float((lat - ref).norm() / ref.norm().clamp_min(1e-30))
+        rate = F.steady_rate(res["ticks"], self.our_flops(frames))
+        res["steady_tflops_per_gpu"] = rate / len(self.plan.devices) / 1e12 if rate else None
         return res
 
     def our_flops(self, frames: int) -> list[float]:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-COLUMNS = ("setting", "GPUs", "latent frames", "time after warm-up (s)", "block-steps", "GFLOP per block-step",
-           "TFLOP/s per GPU", "peak GiB per GPU", "time / ours")
+COLUMNS = ("setting", "GPUs", "latent frames", "time after warm-up (s)", "block-steps", "ms per block-step",
+           "GFLOP per block-step", "TFLOP/s per GPU", "peak GiB per GPU", "time / ours")
 
 
 def finish(row: dict, flops: list[float]) -> dict:
@@ -12,6 +12,7 @@ def finish(row: dict, flops: list[float]) -> dict:
                video_frames=(row["frames"] - 1) * 4 + 1)
     s = row.get("seconds")
     row["tflops_per_gpu"] = row["flops"] / s / row["gpus"] / 1e12 if s else None
+    row["ms_per_block_step"] = 1e3 * s / len(flops) if s and flops else None
     return row
 
 
@@ -40,7 +41,7 @@ def line(r: dict) -> str:
         time = f"{r['seconds']:.2f}" + (f" ({r['note']})" if r.get("note") else "")
     peak = _num(r.get("peak_gib") or None, ".2f")
     cells = (r["name"], str(r["gpus"]), str(r["frames"]), time, str(r["block_steps"]),
-             f"{r['flops_per_block_step'] / 1e9:.4g}", _num(r.get("tflops_per_gpu"), ".4g"), peak,
+             _num(r.get("ms_per_block_step"), ".4g"), f"{r['flops_per_block_step'] / 1e9:.4g}", _num(r.get("tflops_per_gpu"), ".4g"), peak,
              _num(r.get("time_vs_ours"), ".2f"))
     return "| " + " | ".join(cells) + " |"
 
@@ -59,7 +60,9 @@ def ratio_lines(rows: list[dict]) -> list[str]:
         for p in peers:
             mem = f", peak {p['peak_gib'] / ours['peak_gib']:.2f}x" if p.get("peak_gib") and ours.get("peak_gib") \
                 else ""
-            parts.append(f"{p['name']} {p['seconds'] / ours['seconds']:.2f}x{mem}")
+            err = f", final latents' relative error against unquantised weights {p['latent_rel_err']:.3g}" \
+                if p.get("latent_rel_err") is not None else ""
+            parts.append(f"{p['name']} {p['seconds'] / ours['seconds']:.2f}x{mem}{err}")
         if parts:
             out.append(f"{ours['name']} T={ours['frames']}, each peer's time (and peak) over ours: " + "; ".join(parts))
     return out
