@@ -156,3 +156,30 @@ def _example_args(mod, ref):
         return mod._parse_args()
     finally:
         sys.argv = argv
+
+
+def test_the_fa3_baseline_sends_diffusers_attention_to_the_fa3_function(monkeypatch):
+    """The FA3 baseline row's routing, with a stand-in ``fa3_fwd_interface`` (the real one needs a Hopper GPU) that
+    computes attention in FA3's [B, L, H, d] layout: diffusers' forward calls it (self- and cross-attention of every
+    layer) and gives what plain SDPA gives."""
+    import sys
+    import types
+
+    import torch.nn.functional as F
+
+    from dualparal_core.bench import fullseq
+
+    plain = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", plain)  # restored after the test
+    fake = types.ModuleType("fa3_fwd_interface")
+    fake.flash_attn_func = lambda q, k, v: plain(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    monkeypatch.setitem(sys.modules, "fa3_fwd_interface", fake)
+    cfg = WanConfig.tiny(num_layers=2)
+    model = fullseq.build_model(cfg, "bf16", torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 16, 2, 4, 4, generator=g), torch.randn(2, 5, cfg.text_dim, generator=g).bfloat16()
+    want = fullseq.sample(model, x, ctx, (1.0, 0.5), 5.0)
+    count = fullseq.route_sdpa_to_fa3()
+    got = fullseq.sample(model, x, ctx, (1.0, 0.5), 5.0)
+    assert count == {"fa3": 4, "sdpa": 0}  # 2 layers x (self + cross)
+    assert torch.equal(got, want)  # the same kernel underneath: our routing changes nothing else

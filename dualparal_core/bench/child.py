@@ -34,6 +34,9 @@ def _fullseq(spec: dict, rank: int, world: int) -> dict:
 
 
 def main(argv: list[str]) -> int:
+    from dualparal_core.rank.life import die_with_parent
+
+    die_with_parent(os.getppid())  # a bench stopped from outside (timeout, Ctrl-C) leaves no peer on the GPU
     kind, spec_path, rank, world, out = argv[0], argv[1], int(argv[2]), int(argv[3]), Path(argv[4])
     try:
         spec = json.loads(Path(spec_path).read_text())

@@ -46,7 +46,8 @@ class Bench:
             return
         a = self.args
         add_ratios(self.rows)
-        meta = dict(date=self.stamp, argv=sys.argv, model=a.model, config=dataclasses.asdict(self.plan.config),
+        device = next((r["device_name"] for r in self.rows if r.get("device_name")), self.plan.devices[0])
+        meta = dict(device=device, date=self.stamp, argv=sys.argv, model=a.model, config=dataclasses.asdict(self.plan.config),
                     devices=list(self.plan.devices), dtype=self.plan.dtype, height=a.height, width=a.width,
                     steps=a.steps, cfg=a.cfg, shift=a.shift, sampler=a.sampler, P=a.num_per_block, K=a.num_cat,
                     attention=a.attention, fp8=a.fp8, compile=a.compile)
