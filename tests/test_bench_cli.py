@@ -183,3 +183,18 @@ def test_the_fa3_baseline_sends_diffusers_attention_to_the_fa3_function(monkeypa
     got = fullseq.sample(model, x, ctx, (1.0, 0.5), 5.0)
     assert count == {"fa3": 4, "sdpa": 0}  # 2 layers x (self + cross)
     assert torch.equal(got, want)  # the same kernel underneath: our routing changes nothing else
+
+
+def test_a_failed_or_late_peer_becomes_a_row_that_says_why(tmp_path):
+    """runner.merge: the slowest rank's time and the largest peak of a peer's ranks; a rank's error, a rank gone
+    without a result, or the timeout named instead."""
+    from dualparal_core.bench.runner import merge
+
+    log = tmp_path / "x.log"
+    ok = [dict(seconds=2.0, peak_gib=3.0, reserved_gib=4.0, device_name="d"),
+          dict(seconds=2.5, peak_gib=2.0, reserved_gib=5.0, device_name="d")]
+    got = merge(ok, False, 9, log)
+    assert (got["seconds"], got["peak_gib"], got["reserved_gib"], got["peak_per_rank"]) == (2.5, 3.0, 5.0, [3.0, 2.0])
+    assert merge([ok[0], dict(error="RuntimeError: boom")], False, 9, log)["error"].startswith("RuntimeError: boom")
+    assert "without a result" in merge([ok[0], None], False, 9, log)["error"]
+    assert merge(ok, True, 9, log)["error"].startswith("timed out after 9 s")

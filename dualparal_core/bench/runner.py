@@ -8,6 +8,7 @@ import dataclasses
 import datetime
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -31,9 +32,9 @@ class Bench:
         from dualparal_core.sigmas import simple_sigmas
 
         self.sigmas = simple_sigmas(args.steps, args.shift)
-        self.logs = Path(tempfile.mkdtemp(prefix="dualparal-bench-")) if plan.json is None else \
-            plan.json.with_name(plan.json.stem + "_logs")
-        self.logs.mkdir(parents=True, exist_ok=True)
+        # the peers' specs, results and logs (a failing peer's log tail is printed too); not beside --json, whose
+        # folder may be one that keeps a few files only (a device's $OUT)
+        self.logs = Path(tempfile.mkdtemp(prefix="dualparal-bench-"))
         self.stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
     def add(self, row: dict, flops: list[float]) -> None:
@@ -164,7 +165,12 @@ class Bench:
         for _, log in procs:
             log.close()
         results = [json.loads(o.read_text()) if o.exists() else None for o in outs]
-        return merge(results, timed_out, self.args.timeout, self.logs / f"{tag}.rank0.log")
+        merged = merge(results, timed_out, self.args.timeout, self.logs / f"{tag}.rank0.log")
+        if "error" in merged:
+            for r in range(len(devices)):
+                tail = (self.logs / f"{tag}.rank{r}.log").read_text(errors="replace").splitlines()[-25:]
+                print(f"--- {tag} rank {r}: the end of its log ---", *tail, sep="\n", flush=True)
+        return merged
 
     # ---------------------------------------------------------------- all
     def run(self) -> int:
@@ -187,7 +193,11 @@ class Bench:
         print(table(self.rows))
         for text in ratio_lines(self.rows):
             print(text)
-        return 0 if all(r.get("seconds") or r["kind"] == "reference" and r.get("note") for r in self.rows) else 1
+        if all(r.get("seconds") or r["kind"] == "reference" and r.get("note") for r in self.rows):
+            shutil.rmtree(self.logs, ignore_errors=True)
+            return 0
+        print(f"some rows failed; the peers' logs are in {self.logs}")
+        return 1
 
 
 def child_env(devices: tuple[str, ...]) -> dict:
