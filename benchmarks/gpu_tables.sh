@@ -18,7 +18,7 @@
 #   bash benchmarks/gpu_tables.sh n1-length # one GPU: S1's block-step at 257 latent frames (1,025 video frames)
 #   bash benchmarks/gpu_tables.sh bench-s1  # python -m dualparal_core bench: S1 on GPU 0 + full-sequence baselines
 #   bash benchmarks/gpu_tables.sh bench-len # the same bench, 72 and 257 latent frames (1,025 video frames), ours only
-#   bash benchmarks/gpu_tables.sh bench-fp8 # the same bench, S1 with bf16 and fp8 weights (docs/performance.md)
+#   bash benchmarks/gpu_tables.sh bench-fp8 # the same bench, S1 with fa3 and fa3_fp8, the fp8 latents' error
 #
 # Every DualParal row runs through the product's WorkerPool (benchmarks/shipped.py): QKV always fused, the chains
 # compiled unless --no-compile. Rows measured before 2026-12-06 used the benchmark's own launcher (README).
@@ -55,7 +55,8 @@ baseline) step base 300 $S1 --world --baseline --frames 72 --timeout 280 --json 
 bench-s1) step bench_s1 590 $B --frames 72 --baseline-attention sdpa $FA --baseline-steps 3 --timeout 280 \
     --json "$OUT/bench_s1.json" ;;
 bench-len) step bench_len 590 $B --frames 72 257 --no-baseline --timeout 420 --json "$OUT/bench_len.json" ;;
-bench-fp8) step bench_fp8 590 $B --frames 72 --fp8 --no-baseline --timeout 280 --json "$OUT/bench_fp8.json" ;;
+bench-fp8) step bench_fp8 590 $B --frames 72 --attention fa3 fa3_fp8 --no-baseline --timeout 250 \
+    --json "$OUT/bench_fp8.json" ;;
 tests) step gputests 560 "$PY" -m pytest -q -p no:cacheprovider -m "gpu or multi_gpu" tests/test_gpu.py ;;
 decode) step decode 300 "$PY" benchmarks/bench_decode.py --devices 0,1 --json "$OUT/decode.json" ;;
 14b)

@@ -45,13 +45,18 @@ def test_block_step_flops_equal_torchs_flop_counter():
 def test_bench_runs_ours_and_the_baseline_on_cpu(tmp_path, capsys, no_leftover_workers):
     out = tmp_path / "rows.json"
     code = main(["bench", "--model", "tiny", "--devices", "cpu", "--frames", "6", "--steps", "2", "--height", "32",
-                 "--width", "32", "--num-per-block", "2", "--num-cat", "1", "--json", str(out)])
+                 "--width", "32", "--num-per-block", "2", "--num-cat", "1", "--attention", "sdpa", "sdpa_math",
+                 "--json", str(out)])
     text = capsys.readouterr().out
     assert code == 0, text
     data = json.loads(out.read_text())
     assert data["P"] == 2 and data["K"] == 1 and data["steps"] == 2
     rows = {r["kind"]: r for r in data["rows"]}
-    assert set(rows) == {"ours", "fullseq-sdpa"}
+    assert set(rows) == {"ours", "ours-sdpa_math", "fullseq-sdpa"}
+    # a second backend is a row of its own pool, compared with the first on the same job: the same maths in another
+    # kernel, so the final latents agree to float32 rounding (1e-4 leaves room for its order of summation)
+    math_row = rows.pop("ours-sdpa_math")
+    assert math_row["attention"] == "sdpa_math" and 0 <= math_row["latent_rel_err"] < 1e-4
     tpf = (32 // 16) * (32 // 16)
     for kind, r in rows.items():
         for key in ("name", "gpus", "frames", "video_frames", "seconds", "block_steps", "flops",
@@ -65,7 +70,8 @@ def test_bench_runs_ours_and_the_baseline_on_cpu(tmp_path, capsys, no_leftover_w
     assert base["flops_per_block_step"] == block_step_flops(WanConfig.tiny(num_layers=4), 6 * tpf, 6 * tpf, 2)
     assert base["finite"] and base["time_vs_ours"] == pytest.approx(base["seconds"] / ours["seconds"])
     table = text[text.index("| setting |"):].splitlines()
-    assert [line.split(" | ")[0] for line in table[2:4]] == ["| ours N=1", "| full-sequence diffusers SDPA"]
+    assert [line.split(" | ")[0] for line in table[2:5]] == ["| ours N=1 sdpa", "| ours N=1 sdpa_math",
+                                                             "| full-sequence diffusers SDPA"]
 
 
 BAD = [

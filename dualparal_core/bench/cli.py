@@ -41,11 +41,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="our sampler (uni_pc_bh2: the published code's UniPC variant)")
     p.add_argument("--num-per-block", type=int, default=8, help="P: latent frames of each block")
     p.add_argument("--num-cat", type=int, default=8, help="K: context frames from each neighbour (0..P)")
-    p.add_argument("--attention", default="sdpa", help=f"our backend, one of {', '.join(ATTENTION_BACKENDS)}")
+    p.add_argument("--attention", nargs="+", default=["sdpa"],
+                   help=f"our backend, one of {', '.join(ATTENTION_BACKENDS)}; several: a row (and a pool) each, "
+                        f"compared with the first (time, peak, final latents' relative error)")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                    help="compute dtype (default: bf16 on GPUs, fp32 on CPU ranks)")
-    p.add_argument("--fp8", action="store_true", help="our rows hold the blocks' Linear weights in fp8 "
-                                                      "(PoolSpec.weights='fp8'; dequantised per layer)")
+    p.add_argument("--fp8", action="store_true", help="add a row of the first --attention with the blocks' Linear "
+                                                      "weights held in fp8 (PoolSpec.weights='fp8')")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile our elementwise chains (default: the product's choice, on for GPUs)")
     p.add_argument("--fuse", action="store_true", help="accepted for old command lines: our QKV projection is "
@@ -104,14 +106,17 @@ def _attention(args: argparse.Namespace, gpu: bool) -> None:
     from dualparal_core.attention import FA3_PACKAGE, fa3_available
     from dualparal_core.headless.checks import FlagError
 
-    if args.attention not in ATTENTION_BACKENDS:
-        raise FlagError("--attention", args.attention, f"is not a backend; use one of {', '.join(ATTENTION_BACKENDS)}")
-    for flag, wants in (("--attention", args.attention == "fa3"),
-                        ("--baseline-attention", args.baseline and "fa3" in args.baseline_attention)):
+    for name in args.attention:
+        if name not in ATTENTION_BACKENDS:
+            raise FlagError("--attention", name, f"is not a backend; use one of {', '.join(ATTENTION_BACKENDS)}")
+    fa3 = [n for n in args.attention if n.startswith("fa3")]
+    for flag, wants in (("--attention", fa3[0] if fa3 else None),
+                        ("--baseline-attention", "fa3" if args.baseline and "fa3" in args.baseline_attention
+                         else None)):
         if wants and not gpu:
-            raise FlagError(flag, "fa3", "FlashAttention-3 runs on Hopper GPUs (H100, H200); use sdpa on CPU")
+            raise FlagError(flag, wants, "FlashAttention-3 runs on Hopper GPUs (H100, H200); use sdpa on CPU")
         if wants and not fa3_available():
-            raise FlagError(flag, "fa3", f"FlashAttention-3 is not installed in this Python: pip install "
+            raise FlagError(flag, wants, f"FlashAttention-3 is not installed in this Python: pip install "
                                          f"{FA3_PACKAGE}, or use sdpa")
 
 

@@ -93,10 +93,10 @@ def summarise(profs: list[dict]) -> dict:
 def timed(pool, job: Job, warmup: Job | None, warmups: int = 1) -> dict:
     """Run ``warmup`` ``warmups`` times, then ``job`` on the pool: :func:`summarise` of the ranks' profiles of
     ``job``, plus ``generate_s`` (the caller's wall time of ``pool.generate``: the trip to the ranks and back) and
-    the job's ``latents``."""
+    the job's latents (``_latents``: not for a JSON row)."""
     for _ in range(warmups if warmup is not None else 0):
         pool.generate(warmup)
     t0 = time.perf_counter()
     latents = pool.generate(job)
     generate_s = time.perf_counter() - t0
-    return dict(summarise(profiles(pool)), generate_s=generate_s, latents=latents)
+    return dict(summarise(profiles(pool)), generate_s=generate_s, _latents=latents)

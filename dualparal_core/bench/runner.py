@@ -57,19 +57,23 @@ class Bench:
 
     # ---------------------------------------------------------------- ours
     def ours(self) -> None:
-        """Our rows: one pool per weight mode (bf16, then fp8 weights with --fp8), every length on it."""
-        for weights in ("dequant", "fp8") if self.args.fp8 else ("dequant",):
-            self._ours_pool(weights)
+        """Our rows: one pool per variant, every length on it. The variants: each ``--attention`` backend, then
+        (``--fp8``) the first backend with fp8 weights; the first variant is "ours", the others are compared to it."""
+        a = self.args
+        variants = [(att, "dequant") for att in a.attention] + ([(a.attention[0], "fp8")] if a.fp8 else [])
+        for i, (att, weights) in enumerate(variants):
+            self._ours_pool(att, weights, first=i == 0)
 
-    def _ours_pool(self, weights: str) -> None:
+    def _ours_pool(self, attention: str, weights: str, first: bool) -> None:
         from dualparal_core.bench import ours as engine
 
         a, p = self.args, self.plan
-        fp8 = weights == "fp8"
-        base = dict(kind="ours-fp8" if fp8 else "ours", name=f"ours N={len(p.devices)}" + (" fp8 weights" * fp8),
-                    gpus=len(p.devices), weights=weights, attention=a.attention)
+        tag = "" if first and len(a.attention) == 1 else f" {attention}"
+        tag += " fp8 weights" if weights == "fp8" else ""
+        base = dict(kind="ours" if first else f"ours{tag.replace(' ', '-')}", name=f"ours N={len(p.devices)}{tag}",
+                    gpus=len(p.devices), weights=weights, attention=attention)
         try:
-            pool = engine.start_pool(p.config, p.devices, dtype=p.dtype, attention=a.attention, compile=a.compile,
+            pool = engine.start_pool(p.config, p.devices, dtype=p.dtype, attention=attention, compile=a.compile,
                                      weights=weights, timeout=a.timeout)
         except Exception as e:
             for f in a.frames:
@@ -78,11 +82,11 @@ class Bench:
             return
         try:
             for f in a.frames:
-                self.add(dict(base, frames=f, **self._ours_row(engine, pool, f, fp8)), self.our_flops(f))
+                self.add(dict(base, frames=f, **self._ours_row(engine, pool, f, first)), self.our_flops(f))
         finally:
             pool.close()
 
-    def _ours_row(self, engine, pool, frames: int, fp8: bool) -> dict:
+    def _ours_row(self, engine, pool, frames: int, first: bool) -> dict:
         a, P, K = self.args, self.args.num_per_block, self.args.num_cat
         kw = dict(sampler=a.sampler, cfg=a.cfg, shift=a.shift)
         job = engine.make_job(self.plan.config, frames, a.steps, P, K, a.height, a.width, **kw)
@@ -93,11 +97,11 @@ class Bench:
             res = engine.timed(pool, job, warm, a.warmup)
         except Exception as e:
             return dict(error=f"{type(e).__name__}: {' '.join(str(e).split())}"[:300])
-        lat = res.pop("latents").float()
+        lat = res.pop("_latents").float()
         res["finite"] = bool(lat.isfinite().all())
-        if not fp8:
+        if first:
             self.latents[frames] = lat
-        elif frames in self.latents:  # the same job (seed, noise) with unquantised weights: the final latents' error
+        elif frames in self.latents:  # the same job (seed, noise) as our first variant: its final latents' error
             ref = self.latents[frames]
             res["latent_rel_err"] = float((lat - ref).norm() / ref.norm().clamp_min(1e-30))
         rate = F.steady_rate(res["ticks"], self.our_flops(frames))
@@ -180,7 +184,7 @@ class Bench:
         safe_env()
         print(f"bench: {a.model} shapes ({p.config.num_layers} layers, dim {p.config.dim}), {p.dtype}, "
               f"{a.height}x{a.width}, {a.steps} steps, cfg {a.cfg}, shift {a.shift}, P={a.num_per_block} "
-              f"K={a.num_cat}, our attention {a.attention}, devices {','.join(p.devices)}; peer logs in "
+              f"K={a.num_cat}, our attention {' '.join(a.attention)}, devices {','.join(p.devices)}; peer logs in "
               f"{self.logs}", flush=True)
         if a.fuse:
             print("note: --fuse changes nothing: the product always fuses the QKV projection", flush=True)

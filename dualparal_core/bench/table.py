@@ -60,7 +60,7 @@ def ratio_lines(rows: list[dict]) -> list[str]:
         for p in peers:
             mem = f", peak {p['peak_gib'] / ours['peak_gib']:.2f}x" if p.get("peak_gib") and ours.get("peak_gib") \
                 else ""
-            err = f", final latents' relative error against unquantised weights {p['latent_rel_err']:.3g}" \
+            err = f", final latents' relative error against ours {p['latent_rel_err']:.3g}" \
                 if p.get("latent_rel_err") is not None else ""
             parts.append(f"{p['name']} {p['seconds'] / ours['seconds']:.2f}x{mem}{err}")
         if parts:
