@@ -17,7 +17,9 @@ chains are compiled as the product decides (on for GPUs; ``--compile`` / ``--no-
 Random weights (compute is the same as real weights). ``time`` is the slowest rank's run_job wall time (device
 synchronised at both ends) of a job run after a warm-up job with the same window shapes on the same pool;
 ``generate()`` is the caller's wall time of that job (its trip to the ranks and the latents' way back included).
-FLOPs follow DESIGN §6 (multiply-add = 2, per block-step, embedding/head/text K/V left out).
+FLOPs follow docs/performance.md (dualparal_core/bench/flops.py). ``python -m dualparal_core bench`` is the product's
+benchmark (our engine and its peers in one table); this script keeps the sweeps it lacks (GPU counts, two experts,
+--extrapolate, --verify).
 
 S1 at N = 1 on the device machine, one command from the repository root (the diffusers row only where diffusers
 imports, e.g. from wheels carried in .whl/; NVLink multicast stays off in this process and every rank)::
@@ -47,44 +49,11 @@ import numpy as np  # noqa: E402
 import shipped  # noqa: E402
 import torch  # noqa: E402
 
+from dualparal_core.bench.flops import block_step_flops, item_flops, job_flops, steady_rate  # noqa: E402,F401
 from dualparal_core.config import BlockLayout, WanConfig, split_layers  # noqa: E402
-from dualparal_core.schedule import Schedule  # noqa: E402
 
 MODELS = {"1.3b": WanConfig.wan21_1_3b, "14b": WanConfig.wan21_14b}
 _sigmas = shipped.sigmas  # the name other scripts imported
-
-
-def block_step_flops(cfg: WanConfig, lq: int, lk: int, b: int, text: int = 512) -> float:
-    d, f = cfg.dim, cfg.ffn_dim
-    return cfg.num_layers * b * (lq * (12 * d * d + 4 * d * f) + 4 * lq * lk * d + 4 * lq * text * d)
-
-
-def item_flops(cfg: WanConfig, layout: BlockLayout, steps: int, tokens_per_frame: int, b: int,
-               experts: list[int] | None = None, b_low: int | None = None) -> list[float]:
-    """FLOPs of each block-step in schedule order; ``experts``: the expert of each step (two experts: no right
-    context between block-steps of different experts, and the low-noise expert's batch is ``b_low``)."""
-    out = []
-    for it in Schedule(layout, steps, experts).items:  # the items say which right-context frames each reads
-        s0, e0 = layout.input_span(it.block)
-        lq = (e0 - s0) * tokens_per_frame
-        lk = lq + it.right * tokens_per_frame  # keys of the next-newer block's first frames
-        out.append(block_step_flops(cfg, lq, lk, b if it.expert == 0 or b_low is None else b_low))
-    return out
-
-
-def job_flops(*args, **kw) -> float:
-    return sum(item_flops(*args, **kw))
-
-
-def steady_rate(ticks: list[float], flops: list[float]) -> float | None:
-    """FLOP/s of the pipeline once full: the block-steps finished in the middle half of the job (``ticks``: when
-    the last rank finished each block-step's head, in schedule order) over the time they took."""
-    n = len(ticks)
-    if n != len(flops) or n < 8:
-        return None
-    a, b = n // 4, (3 * n) // 4
-    dt = ticks[b] - ticks[a]
-    return sum(flops[a + 1:b + 1]) / dt if dt > 0 else None
 
 
 class Setup:

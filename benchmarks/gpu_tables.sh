@@ -16,6 +16,9 @@
 #                                           # with fa3 and fa3_fp8 and the fp8 error on the final latents
 #   bash benchmarks/gpu_tables.sh n1-extra  # n1-speed's references: the block-step before (.old/), diffusers' S1
 #   bash benchmarks/gpu_tables.sh n1-length # one GPU: S1's block-step at 257 latent frames (1,025 video frames)
+#   bash benchmarks/gpu_tables.sh bench-s1  # python -m dualparal_core bench: S1 on GPU 0 + full-sequence baselines
+#   bash benchmarks/gpu_tables.sh bench-len # the same bench, 72 and 257 latent frames (1,025 video frames), ours only
+#   bash benchmarks/gpu_tables.sh bench-fp8 # the same bench, S1 with fa3 and fa3_fp8, the fp8 latents' error
 #
 # Every DualParal row runs through the product's WorkerPool (benchmarks/shipped.py): QKV always fused, the chains
 # compiled unless --no-compile. Rows measured before 2026-12-06 used the benchmark's own launcher (README).
@@ -43,10 +46,17 @@ step() {  # name limit_s command...: full log in $OUT/name.log, a line per step 
 }
 
 S1="$PY benchmarks/bench_s1.py --compile"
+B="$PY -m dualparal_core bench --model 1.3b --devices 0 --steps 10 --attention auto"
+FA=$("$PY" -c 'import fa3_fwd_interface' 2>/dev/null && echo fa3)
 case "${1:-}" in
 s1) step s1 480 $S1 --world 2 1 --frames 40 72 --extrapolate 257 --verify --timeout 460 --json "$OUT/s1.json" ;;
 s1-n1) step s1n1 560 $S1 --world 1 --frames 72 --baseline $DIFFUSERS --timeout 540 --json "$OUT/s1n1.json" ;;
 baseline) step base 300 $S1 --world --baseline --frames 72 --timeout 280 --json "$OUT/base.json" ;;
+bench-s1) step bench_s1 590 $B --frames 72 --baseline-attention sdpa $FA --baseline-steps 3 --timeout 280 \
+    --json "$OUT/bench_s1.json" ;;
+bench-len) step bench_len 590 $B --frames 72 257 --no-baseline --timeout 420 --json "$OUT/bench_len.json" ;;
+bench-fp8) step bench_fp8 590 $B --frames 72 --attention fa3 fa3_fp8 --no-baseline --timeout 250 \
+    --json "$OUT/bench_fp8.json" ;;
 tests) step gputests 560 "$PY" -m pytest -q -p no:cacheprovider -m "gpu or multi_gpu" tests/test_gpu.py ;;
 decode) step decode 300 "$PY" benchmarks/bench_decode.py --devices 0,1 --json "$OUT/decode.json" ;;
 14b)
@@ -91,5 +101,5 @@ n1-extra)  # the same-run references of n1-speed: the block-step before this ses
     for f in "$OUT"/prof_old.log "$OUT"/diff.log; do tail -4 "$f"; done ;;
 n1-length)
     step len 560 $S1 --world 1 --frames 257 --attention fa3 --timeout 540 --json "$OUT/len.json" ;;
-*) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+*) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -1,4 +1,5 @@
-"""Time and memory per GPU against the GPU count (docs/img/scaling.png), from bench_s1.py's --json output.
+"""Time and memory per GPU against the GPU count (docs/img/scaling.png), from the --json output of bench_s1.py or
+``python -m dualparal_core bench`` (its "ours" rows; one file per GPU count can be given).
 
     pip install matplotlib   # a development tool: not needed by the pack
     python benchmarks/plot_scaling.py benchmarks/results/2026-11-23-h200x2/s1.json --out docs/img/scaling.png
@@ -25,7 +26,7 @@ from dualparal_core.config import BlockLayout, WanConfig  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("json", help="bench_s1.py --json output (1.3B shapes)")
+    ap.add_argument("json", nargs="+", help="--json output of bench_s1.py or of bench (1.3B shapes)")
     ap.add_argument("--out", default="docs/img/scaling.png")
     ap.add_argument("--bound", type=int, nargs="*", default=[4, 8], help="GPU counts to draw the replay bound for")
     args = ap.parse_args()
@@ -34,8 +35,10 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = json.loads(Path(args.json).read_text())
-    rows = [r for r in data["rows"] if r["name"].startswith("dualparal")]
+    files = [json.loads(Path(p).read_text()) for p in args.json]
+    data = files[0]
+    rows = [dict(r, world=r.get("world", r.get("gpus"))) for d in files for r in d["rows"]
+            if r["name"].startswith("dualparal") or r.get("kind") == "ours" and r.get("seconds")]
     cfg, tpf = WanConfig.wan21_1_3b(), (480 // 16) * (832 // 16)
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
     for frames, colour in ((72, "tab:blue"), (257, "tab:orange")):

@@ -1,30 +1,19 @@
-"""The benchmarks' one way to run DualParal: the product's WorkerPool, with the ranks' own profile switched on.
-
-Every DualParal figure comes through here, so it is what a user gets: the ranks start as the pool starts them
-(``python -m dualparal_core.worker``), build their stage with ``runtime.build_stage`` (QKV always fused, the
-elementwise chains compiled as ``PoolSpec.compile`` / ``DUALPARAL_COMPILE`` say), and send what they measured
-(``RankEngine.last_profile``, ``DUALPARAL_PROFILE=1``) with their result, which the pool keeps in ``job_info``.
-"""
+"""The benchmarks' one way to run DualParal: the product's WorkerPool with the ranks' own profile on. The code
+lives in dualparal_core/bench/ours.py (``python -m dualparal_core bench`` uses it); this module keeps the scripts'
+names (a pool by GPU count, shift-8 sigmas by default)."""
 
 from __future__ import annotations
 
-import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+from dualparal_core.bench import ours  # noqa: E402
+from dualparal_core.bench.ours import SAFE_ENV, make_job, profiles, summarise, texts, timed, warmup_frames  # noqa
+from dualparal_core.sigmas import simple_sigmas  # noqa: E402
 
-from dualparal_core.config import ModelSource, PoolSpec, SamplingConfig, Timeouts, WanConfig  # noqa: E402
-from dualparal_core.pool import WorkerPool  # noqa: E402
-from dualparal_core.protocol import Job  # noqa: E402
-
-#: NVLink multicast off in this process and every rank it starts: on a shared host it can put the GPUs out of
-#: service. Set at import (not setdefault): no benchmark may run with it on.
-SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-os.environ.update(SAFE_ENV)
+ours.safe_env()  # set at import (not setdefault): no benchmark may run with NVLink multicast on
 
 
 def devices(kind: str, world: int) -> tuple[str, ...]:
@@ -32,73 +21,9 @@ def devices(kind: str, world: int) -> tuple[str, ...]:
     return tuple(f"cuda:{r}" for r in range(world)) if kind == "cuda" else ("cpu",) * world
 
 
-def start_pool(config: WanConfig, world: int, *, device: str = "cuda", dtype: str = "bf16", attention: str = "sdpa",
-               compile: bool | None = None, weights: str = "dequant", experts: int = 1, boundary: float = 0.875,
-               in_flight: int | None = None, timeout: float = 900.0, env: dict | None = None) -> WorkerPool:
-    """A pool of random weights (seed 0; the low-noise expert seed 1) with profiling on."""
-    src = ModelSource(random_config=config, random_seed=0, random_low_seed=1 if experts == 2 else None,
-                      boundary=boundary)
-    spec = PoolSpec(src, devices=devices(device, world), dtype=dtype, attention=attention, max_in_flight=in_flight,
-                    compile=compile, weights=weights)
-    env = {**SAFE_ENV, "DUALPARAL_PROFILE": "1", **(env or {})}
-    # a first block-step that compiles its kernels sends no progress for a while: allow it the whole --timeout
-    return WorkerPool.start(spec, Timeouts(startup=timeout, step=timeout), env=env)
+def start_pool(config, world: int, *, device: str = "cuda", **kw):
+    return ours.start_pool(config, devices(device, world), **kw)
 
 
 def sigmas(steps: int, shift: float = 8.0) -> tuple[float, ...]:
-    """ComfyUI's "simple" scheduler on a shifted flow table (only the values matter for timing)."""
-    t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
-    s = shift * t / (1 + (shift - 1) * t)
-    return tuple(float(v) for v in s)
-
-
-def texts(config: WanConfig, tokens: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random positive and negative text conditioning [1, tokens, text_dim] (umt5 pads to 512 tokens)."""
-    g = torch.Generator().manual_seed(0)
-    return (torch.randn(1, tokens, config.text_dim, generator=g),
-            torch.randn(1, tokens, config.text_dim, generator=g))
-
-
-def make_job(config: WanConfig, frames: int, steps: int, P: int, K: int, height: int, width: int, *,
-             sampler: str = "uni_pc", cfg: float = 5.0, cfg_low: float | None = None,
-             sigma_table: tuple[float, ...] | None = None) -> Job:
-    """One video of ``frames`` latent frames at ``height`` x ``width`` pixels, coordinated noise, seed 0."""
-    sc = SamplingConfig(sigmas=sigma_table or sigmas(steps), sampler=sampler, cfg=cfg, cfg_low=cfg_low, seed=0,
-                        noise_mode="coordinated", num_per_block=P, num_cat=K)
-    cond, uncond = texts(config)
-    return Job(sc, (1, config.in_channels, frames, height // 8, width // 8), cond, uncond if sc.use_cfg else None)
-
-
-def warmup_frames(frames: int, P: int, K: int) -> int:
-    """Latent frames of a warm-up job with every window shape of a ``frames``-frame job: the first block, two
-    full blocks (left and right context) and the short last block, if the job has one."""
-    short = (frames - P - K) % P if frames > P + K else 0
-    return min(frames, P + K + P + short)
-
-
-def profiles(pool: WorkerPool) -> list[dict]:
-    """Each rank's profile of the pool's last job (RankEngine.last_profile, sent with its result)."""
-    missing = [i.get("rank", r) for r, i in enumerate(pool.job_info) if "profile" not in i]
-    if missing:
-        raise RuntimeError(f"ranks {missing} sent no profile: their rank program does not add "
-                           f"RankEngine.last_profile to its result (DUALPARAL_PROFILE=1 was set)")
-    return [i["profile"] for i in pool.job_info]
-
-
-def summarise(profs: list[dict]) -> dict:
-    """The slowest rank's time, the largest per-rank memory, the last rank's block-step ticks."""
-    return dict(seconds=max(p["loop_s"] for p in profs), peak_gib=max(p["peak_gib"] for p in profs),
-                reserved_gib=max(p["reserved_gib"] for p in profs),
-                weights_gib=max(p.get("weights_gib", 0.0) for p in profs), ticks=profs[-1]["ticks"],
-                peak_per_rank=[p["peak_gib"] for p in profs], device_name=profs[0].get("device_name", "cpu"))
-
-
-def timed(pool: WorkerPool, job: Job, warmup: Job | None) -> dict:
-    """Run ``warmup`` then ``job`` on the pool: :func:`summarise` of the ranks' profiles of ``job``, plus
-    ``generate_s`` (the caller's wall time of ``pool.generate``: the job's trip to the ranks and back included)."""
-    if warmup is not None:
-        pool.generate(warmup)
-    t0 = time.perf_counter()
-    latents = pool.generate(job)
-    generate_s = time.perf_counter() - t0
-    return dict(summarise(profiles(pool)), generate_s=generate_s, _latents=latents)
+    return simple_sigmas(steps, shift)

@@ -13,6 +13,7 @@ USAGE = """Headless DualParal: the whole pipelined schedule on a worker group, w
     .venv/bin/python -m dualparal_core generate --model wan2.1_t2v_1.3B_fp16.safetensors \\
         --text-encoder umt5_xxl_fp8_e4m3fn_scaled.safetensors --prompt "a fox in the snow" \\
         --vae wan_2.1_vae.safetensors --frames 81 --steps 30 --out out/fox.mp4
+    .venv/bin/python -m dualparal_core bench --devices 0 --frames 72   # our engine and its peers, one table
 """
 
 
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="a real Wan2.1/2.2 T2V .safetensors model")
     for p in (demo, gen):
         _common(p)
+    from dualparal_core.bench.cli import add_parser
+
+    add_parser(sub)
     demo.add_argument("--frames", type=int, default=161, help="video frames, 4k+1 (latent frames = (F-1)/4+1)")
     demo.add_argument("--width", type=int, default=64, help="a multiple of 16")
     demo.add_argument("--height", type=int, default=64, help="a multiple of 16")

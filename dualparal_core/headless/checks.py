@@ -54,27 +54,42 @@ def _nearest(value: int, ok) -> str:
     return " or ".join(str(v) for v in dict.fromkeys(x for x in (lo, hi) if x))
 
 
-def check_numbers(args: argparse.Namespace) -> BlockLayout:
-    """Sizes, frames, steps and the other numbers; returns the block layout of the latent."""
+def check_sizes(args: argparse.Namespace) -> None:
+    """``--width`` and ``--height``: multiples of SIZE_MULTIPLE."""
     for flag, v in (("--width", args.width), ("--height", args.height)):
         if v < SIZE_MULTIPLE or v % SIZE_MULTIPLE:
             raise FlagError(flag, v, f"must be a positive multiple of {SIZE_MULTIPLE} (the Wan VAE's 8x scale times "
                                      f"the 2x2 patch); use {_nearest(v, lambda x: x % SIZE_MULTIPLE == 0)}")
+
+
+def check_positive(flags) -> None:
+    """(flag, value) pairs: finite positive numbers (``--cfg`` may be 0)."""
+    for flag, v in flags:
+        if not math.isfinite(v) or v < 0 or (v == 0 and flag != "--cfg"):
+            raise FlagError(flag, v, "must be a finite positive number" + (" (1 disables guidance)"
+                                                                           if flag == "--cfg" else ""))
+
+
+def check_blocks(args: argparse.Namespace) -> None:
+    """``--num-per-block`` (P) and ``--num-cat`` (K)."""
+    if args.num_per_block < 1:
+        raise FlagError("--num-per-block", args.num_per_block, "must be at least 1 latent frame (8 is usual)")
+    if not 0 <= args.num_cat <= args.num_per_block:
+        raise FlagError("--num-cat", args.num_cat, f"must lie between 0 and --num-per-block={args.num_per_block}")
+
+
+def check_numbers(args: argparse.Namespace) -> BlockLayout:
+    """Sizes, frames, steps and the other numbers; returns the block layout of the latent."""
+    check_sizes(args)
     if args.frames < 1 or (args.frames - 1) % 4:
         raise FlagError("--frames", args.frames, "video frames must be 4k+1 (1, 5, 9, ..., 81; the VAE packs 4 "
                                                  f"frames per latent frame); use {_nearest(args.frames, _is_4k1)}")
     if not 1 <= args.steps <= 1000:
         raise FlagError("--steps", args.steps, "must lie between 1 and 1000 (30 is usual for Wan2.1)")
-    for flag, v in (("--cfg", args.cfg), ("--shift", args.shift), ("--fps", args.fps)):
-        if not math.isfinite(v) or v < 0 or (v == 0 and flag != "--cfg"):
-            raise FlagError(flag, v, "must be a finite positive number" + (" (1 disables guidance)"
-                                                                           if flag == "--cfg" else ""))
+    check_positive((("--cfg", args.cfg), ("--shift", args.shift), ("--fps", args.fps)))
     if args.decode_block < 1:
         raise FlagError("--decode-block", args.decode_block, "must be at least 1 latent frame (4 is usual)")
-    if args.num_per_block < 1:
-        raise FlagError("--num-per-block", args.num_per_block, "must be at least 1 latent frame (8 is usual)")
-    if not 0 <= args.num_cat <= args.num_per_block:
-        raise FlagError("--num-cat", args.num_cat, f"must lie between 0 and --num-per-block={args.num_per_block}")
+    check_blocks(args)
     return BlockLayout((args.frames - 1) // 4 + 1, args.num_per_block, args.num_cat)
 
 
