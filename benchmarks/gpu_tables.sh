@@ -95,7 +95,10 @@ n1-speed)
     [ -f "$OUT/lat/fa3_fp8_N1_T72.npy" ] && "$PY" -c "import numpy as n,sys; a,b=(n.load(f'$OUT/lat/{x}_N1_T72.npy') for x in ('fa3_fp8','fa3'));
 print(f'final latents fa3_fp8 vs fa3: relative L2 {n.linalg.norm(a-b)/n.linalg.norm(b):.3g}')" | tee -a "$OUT/steps.txt"
     for f in "$OUT"/prof*.log "$OUT"/s1_*.log; do tail -4 "$f"; done ;;
-n1-extra)  # the same-run references of n1-speed: the block-step before this session's changes, diffusers' sampling
+n1-extra)  # the same-run references of n1-speed: the block-step before the kernel changes of 2026-12-06, diffusers'
+    # sampling. Make the "before" tree first, on the host, and carry it (".old" is git-ignored locally):
+    #   mkdir -p .old/benchmarks && git archive beb86a3 dualparal_core | tar -x -C .old \
+    #     && cp benchmarks/profile_step.py .old/benchmarks/
     [ -d .old ] && (cd .old && step prof_old 100 "$PY" benchmarks/profile_step.py --backends fa3 --json "$OUT/prof_old.json")
     step diff 150 $S1 --world --diffusers-baseline --frames 72 --timeout 140 --json "$OUT/diff.json"
     for f in "$OUT"/prof_old.log "$OUT"/diff.log; do tail -4 "$f"; done ;;
