@@ -29,6 +29,7 @@ OP_DECODE = "decode"  # Block Decode, one span per rank (dualparal_core/client/d
 OP_CANCEL = "cancel"  # {"job": id}; also sent on a rank's decode connection
 OP_CLOSE = "close"  # detach (a --exit-on-detach group, i.e. a local pool, then exits)
 OP_PING = "ping"
+OP_IDLE = "idle"  # the op is over (Block Decode: every rank's span too): rank 0 stops beating
 # rank 0 -> the other ranks (control group)
 OP_LOAD = "load"  # {"model": PoolSpec | None}
 OP_NOOP = "noop"  # keeps the control group's collectives inside their timeout while idle

@@ -188,7 +188,9 @@ class Lead:
         try:
             self._run_op(msg)
         finally:
-            self.serving = False
+            # a decode goes on after rank 0's own span (the others send their blocks straight to the parent): it
+            # beats until the parent says the decode is over (OP_IDLE), or the parent takes it for frozen
+            self.serving = msg["op"] == proto.OP_DECODE
 
     def _run_op(self, msg: dict) -> None:
         op = msg["op"]
@@ -205,7 +207,7 @@ class Lead:
             self.send(proto.OP_PONG)
         elif op == proto.OP_CLOSE:
             self.closing = True
-        elif op != proto.OP_CANCEL:  # a cancel that crossed the end of its job: nothing runs
+        elif op not in (proto.OP_CANCEL, proto.OP_IDLE):  # a cancel that crossed the end of its job: nothing runs
             logger.warning("ignoring control message %r from %s", op, self.client)
 
     def _turn_away(self) -> None:
