@@ -36,7 +36,7 @@ OP_NOOP = "noop"  # keeps the control group's collectives inside their timeout w
 OP_EXIT = "exit"  # the group ends (a local pool's parent detached)
 # rank 0 (rank r on a decode connection) -> parent
 OP_READY = "ready"  # {"info": [one dict per rank]}
-OP_STATUS = "status"  # heartbeat / phase text: {"phase", "step", "computing_for", "peers", "text"}
+OP_STATUS = "status"  # heartbeat / phase text: {"phase", "step", "computing_for", "peers", "heartbeat", "text"}
 OP_PROGRESS = "progress"  # {"job", "done", "total", "preview"}
 OP_FRAMES = "frames"  # one decoded block: {"job", "video", "frame", "frames": [n, H, W, 3]}
 OP_RESULT = "result"  # {"job", "latents", "info"} (sampling) or a rank's decode counters
