@@ -1,6 +1,7 @@
-"""Faults in a real ComfyUI server (reliability contract, guarantees 4 and 5): Cancel while a worker hangs ends the
-prompt within about one block-step + 2 s, and ComfyUI exits within 5 s while a pool is still starting. The workers
-inject their faults through tests/support/faulty_rank.py (DUALPARAL_RANK_MODULE), as the CPU tests do."""
+"""Faults in a real ComfyUI server (reliability contract, guarantees 4, 5 and 8): Cancel while a worker hangs ends the
+prompt within about one block-step + 2 s, ComfyUI exits within 5 s while a pool is still starting, and a graph
+without the Loader releases its workers once no prompt needs them. The workers inject their faults through
+tests/support/faulty_rank.py (DUALPARAL_RANK_MODULE), as the CPU tests do."""
 
 from __future__ import annotations
 
