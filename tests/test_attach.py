@@ -372,10 +372,14 @@ def test_a_rank_0_frozen_while_an_attached_group_loads_is_named_from_its_heartbe
     victim = None
     try:
         t.start()
-        end = time.monotonic() + 60
-        while "injecting fault never_ready" not in g.tail() and time.monotonic() < end:
+        end = time.monotonic() + 90
+
+        def injected() -> bool:
+            return "injecting fault never_ready" in g.log.read_bytes().decode(errors="replace")
+
+        while not injected() and time.monotonic() < end:
             time.sleep(0.2)
-        assert "injecting fault never_ready" in g.tail(), g.tail()
+        assert injected(), g.tail()
         time.sleep(1.0)  # into its never-ending load, with the parent attached and waiting
         assert t.is_alive(), box
         victim = _rank_proc(g, 0)

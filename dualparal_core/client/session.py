@@ -267,10 +267,18 @@ class Session:
             self.cancel_at = now
         if self.cancel_at is not None and self._cancel_overdue(op, now):
             raise self._uncooperative(op)
-        if now - self.heard > self.stale_after:
+        if now - self.heard > self.stale_after and not self._unread():
             self.fail(self.frozen(op.phase, 0, now - self.heard, None))
         if now - op.last > self.timeouts.step:
             self.fail(op.hang(now - op.last, self.status))
+
+    def _unread(self) -> bool:
+        """Whether rank 0 sent something this parent has not read yet: then the silence is ours (a slow callback, a
+        large send, a starved CPU), not a frozen rank 0's."""
+        try:
+            return self.conn.poll(0)
+        except (OSError, EOFError):
+            return False
 
     def _status(self, op, msg: dict) -> None:
         """Rank 0's heartbeat: a peer it marks stale (no heartbeat in the store) is frozen or cut off."""
