@@ -33,13 +33,14 @@ OP_DECODE = "decode"  # Block Decode, one span per rank (dualparal_core/client/d
 OP_CANCEL = "cancel"  # {"job": id}; also sent on a rank's decode connection
 OP_CLOSE = "close"  # detach (a --exit-on-detach group, i.e. a local pool, then exits)
 OP_PING = "ping"
+OP_IDLE = "idle"  # the op is over (Block Decode: every rank's span too): rank 0 stops beating
 # rank 0 -> the other ranks (control group)
 OP_LOAD = "load"  # {"model": PoolSpec | None}
 OP_NOOP = "noop"  # keeps the control group's collectives inside their timeout while idle
 OP_EXIT = "exit"  # the group ends (a local pool's parent detached)
 # rank 0 (rank r on a decode connection) -> parent
 OP_READY = "ready"  # {"info": [one dict per rank]}
-OP_STATUS = "status"  # heartbeat / phase text: {"phase", "step", "computing_for", "peers", "text"}
+OP_STATUS = "status"  # heartbeat / phase text: {"phase", "step", "computing_for", "peers", "heartbeat", "text"}
 OP_PROGRESS = "progress"  # {"job", "done", "total", "preview"}
 OP_FRAMES = "frames"  # one decoded block: {"job", "video", "frame", "frames": [n, H, W, 3]}
 OP_RESULT = "result"  # {"job", "latents", "info"} (sampling) or a rank's decode counters

@@ -38,6 +38,7 @@ except ImportError as _e:  # ComfyUI before 0.3.48 has no V3 node API
 import dualparal_core  # noqa: E402
 from dualparal_core.config import Timeouts  # noqa: E402
 
+from .graph_watch import GraphWatch  # noqa: E402
 from .registry import PoolRegistry  # noqa: E402
 from .types import LORAS_TYPE, MODEL_TYPE, DualParalModel  # noqa: E402
 
@@ -167,6 +168,31 @@ mm.unload_all_models = _unload_all_models_and_pools
 atexit.register(REGISTRY.close_all, "ComfyUI is exiting")
 
 
+def _watch_graphs() -> GraphWatch | None:
+    """Release the pools when the last graph queued has no DualParal Loader (graph_watch.py has the rule): an
+    on-prompt handler of ComfyUI's server, and its prompt queue's running and pending graphs. None without a server
+    (the pack imported by a script or a test)."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return None
+    server = getattr(PromptServer, "instance", None)
+    if server is None:
+        return None
+    queue = server.prompt_queue
+
+    def queued() -> list:
+        running, pending = queue.get_current_queue_volatile()
+        return [item[2] for item in (*running, *pending)]  # (number, prompt_id, graph, extra_data, outputs)
+
+    watch = GraphWatch(queued, REGISTRY.close_all)
+    server.add_on_prompt_handler(watch.on_prompt)
+    return watch
+
+
+GRAPH_WATCH = _watch_graphs()
+
+
 def supports_attach() -> bool:
     from dualparal_core.pool import WorkerPool
 
@@ -195,6 +221,8 @@ def _map_errors(handle: DualParalModel, fn, *args, **kw):
 
 def acquire(handle: DualParalModel):
     """The live worker group of a model handle, started (ComfyUI's VRAM freed first) if there is none."""
+    if GRAPH_WATCH is not None:
+        GRAPH_WATCH.barrier()  # a release decided before this prompt was taken ends first
     return _map_errors(handle, REGISTRY.acquire, handle.key, handle.spec,
                        on_status=lambda msg: logger.info("%s", msg), should_abort=mm.processing_interrupted)
 

@@ -15,6 +15,7 @@ from dualparal_core.files import check_lora, check_source, inspect_checkpoint
 
 from . import bridge
 from .bridge import LorasSocket, ModelSocket, io
+from .graph_watch import LOADER_NODE
 from .types import Attach, DualParalModel, file_key, parse_devices
 
 
@@ -22,7 +23,7 @@ class DualParalLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="DualParalLoader",
+            node_id=LOADER_NODE,  # "DualParalLoader": shared workflows name it
             display_name="DualParal Loader",
             category="DualParal",
             description="Loads a Wan2.1/2.2 text-to-video diffusion model split layer-wise over several GPUs (one "

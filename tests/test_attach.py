@@ -334,3 +334,69 @@ def test_an_exception_on_another_rank_reaches_the_parent_with_its_traceback(tmp_
         assert wait_gone(g.tree(), 10) == []
     finally:
         g.stop()
+
+
+def _rank_proc(g: Group, rank: int) -> psutil.Process:
+    for pid in g.tree()[1:]:
+        try:
+            p = psutil.Process(pid)
+            if p.environ().get("RANK") == str(rank) and "DUALPARAL_FAULT" in p.environ():
+                return p
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no rank {rank} in the group:\n{g.tail()}")
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("load", ["start-up", "attach"])
+def test_a_rank_0_frozen_while_an_attached_group_loads_is_named_from_its_heartbeats(tmp_path, load):
+    """Rank 0 loads forever (alive, beating) and is then frozen (SIGSTOP): while it loads its start-up model (the
+    parent waits in its queue) or the model the parent asked for. The parent learns the group's heartbeat interval
+    from rank 0's first heartbeat, so it names rank 0 within 3 heartbeats + 1 s, not at the startup timeout (60 s
+    here; before, only that applied to an attached group)."""
+    import threading
+
+    step = 1 if load == "start-up" else 2  # the start-up model is rank 0's first load
+    g = Group(tmp_path / "torchrun.log", fault=f"rank=0,kind=never_ready,step={step}")
+    other = PoolSpec(ModelSource(random_config=WanConfig.tiny(), random_seed=SEED + 1), devices=("cpu",),
+                     dtype="fp32")  # another model than the start-up one: the attach loads it
+    box: dict = {}
+
+    def attach():
+        try:
+            box["pool"] = g.attach(TINY if load == "start-up" else other, timeout=60.0)
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            box["error"] = exc
+
+    t = threading.Thread(target=attach)
+    victim = None
+    try:
+        t.start()
+        end = time.monotonic() + 90
+
+        def injected() -> bool:
+            return "injecting fault never_ready" in g.log.read_bytes().decode(errors="replace")
+
+        while not injected() and time.monotonic() < end:
+            time.sleep(0.2)
+        assert injected(), g.tail()
+        time.sleep(1.0)  # into its never-ending load, with the parent attached and waiting
+        assert t.is_alive(), box
+        victim = _rank_proc(g, 0)
+        victim.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        t.join(60)
+        took = time.monotonic() - t0
+        err = box.get("error")
+        assert isinstance(err, WorkerError), box
+        assert err.rank == 0 and err.phase == "load" and "stopped sending heartbeats" in str(err), str(err)
+        assert took < 15, f"named after {took:.1f} s"
+    finally:
+        if victim is not None:
+            try:
+                victim.send_signal(signal.SIGCONT)
+                victim.kill()
+            except psutil.Error:
+                pass
+        t.join(60)
+        g.stop()

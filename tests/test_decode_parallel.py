@@ -14,6 +14,7 @@ from fault_helpers import fault_env, tiny_job, tiny_spec
 from test_vae import _heap_probe, _peak_above_start, make_vae, to_original_layout
 
 from dualparal_core.client.decode import DecodeError, decode_on_pool, decoder_geometry
+from dualparal_core.config import Timeouts
 from dualparal_core.decode import (
     FrameSink,
     VideoWriter,
@@ -295,3 +296,22 @@ def test_the_frame_sender_keeps_block_order_and_reports_a_lost_parent():
     assert done.wait(10), "put() must not block forever once the parent is gone"
     s.close()
     assert isinstance(s.error, ConnectionResetError) and [g[1] for g in w.got] == [0, 1, 2]
+
+
+def test_rank_0_beats_on_while_the_other_ranks_still_decode(small):
+    """Rank 0's span is one frame, rank 1's seven slow ones: rank 0 is done long before the decode is, and its
+    heartbeats must go on until then, or the parent takes its silence for a frozen rank 0 (3 x 0.3 s + 1 s here).
+    Found in real ComfyUI: Block Decode on two workers failed with "rank 0 stopped sending heartbeats"."""
+    dec, sd = small
+    p = WorkerPool.start(tiny_spec(2), Timeouts(heartbeat=0.3), env=fault_env(
+        "rank=1,phase=decode,kind=slow,delay=0.6", DUALPARAL_HEARTBEAT="0.3"))
+    try:
+        z = latent(1, 8, seed=6)
+        sink, report = run(p, z, sd, block_size=1, spans=[(0, 1), (1, 8)])
+        assert report.seconds > p.session.stale_after + 1.0  # rank 1 decoded past rank 0's silence limit
+        assert torch.equal(sink.image, reference(dec, z))
+        assert p.alive
+        sink, _ = run(p, z, sd, spans=[(0, 8)])  # the pool goes on: the next decode (rank 0 alone) works
+        assert torch.equal(sink.image, reference(dec, z))
+    finally:
+        p.close()

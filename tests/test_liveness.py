@@ -218,3 +218,28 @@ def test_a_rank_frozen_while_the_pool_loads_is_named_long_before_the_startup_tim
             pass
         if "pool" in box:
             box["pool"].close()
+
+
+@pytest.mark.dist
+def test_a_slow_parent_is_not_taken_for_a_frozen_rank_0():
+    """The parent's own pauses (a slow progress callback: ComfyUI's preview, a video writer, a starved CPU) are not
+    rank 0's silence: its heartbeats wait unread in the socket meanwhile. Before, the parent named rank 0 frozen
+    (3 x 0.3 s + 1 s here) and closed a healthy pool."""
+    import torch
+    from fault_helpers import reference
+
+    p = WorkerPool.start(tiny_spec(2), Timeouts(heartbeat=0.3), env={"DUALPARAL_HEARTBEAT": "0.3"})
+    try:
+        paused: list[int] = []
+
+        def on_progress(done, total, x0):
+            if not paused:
+                paused.append(done)
+                time.sleep(p.session.stale_after + 1.0)
+
+        job = tiny_job("euler")
+        out = p.generate(job, on_progress=on_progress)
+        assert paused and torch.equal(out, reference(job))
+        assert p.alive
+    finally:
+        p.close()

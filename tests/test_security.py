@@ -18,7 +18,7 @@ from fault_helpers import fault_env, tiny_job, tiny_spec, wait_gone
 
 from dualparal_core import protocol as proto
 from dualparal_core.pool import WorkerError, WorkerPool
-from dualparal_core.rank.lead import MAX_HANDSHAKES
+from dualparal_core.rank.door import MAX_HANDSHAKES
 
 pytestmark = [pytest.mark.dist, pytest.mark.usefixtures("no_leftover_workers")]
 

@@ -46,6 +46,7 @@ class Session:
         self.busy, self.cancel_flag = threading.Lock(), threading.Event()
         self.cancel_at: float | None = None
         self.heard = time.monotonic()
+        self.group_beat: float | None = None  # rank 0's heartbeat interval, from its first heartbeat
 
     # ------------------------------------------------------------------ attach
     @classmethod
@@ -81,11 +82,13 @@ class Session:
             self.heard = time.monotonic()
             while True:
                 msg = self.recv(self.timeouts.poll)
-                if msg is not None and self._ready(msg, status, t0):
-                    return
+                if msg is not None:
+                    self._heard(msg)
+                    if self._ready(msg, status, t0):
+                        return
                 if self.launch is not None and self.launch.poll():
                     raise self.launch.diagnose("load", self._pending_report())
-                if self.launch is not None:  # a local pool's ranks beat at our heartbeat: a frozen one shows
+                if self.launch is not None or self.group_beat is not None:  # beats at a known interval
                     self._frozen_while_loading(msg)
                 if should_abort is not None and should_abort():
                     raise PoolCancelled(f"starting {self.label} was interrupted" + (
@@ -103,12 +106,19 @@ class Session:
             raise AttachError(f"{self.label} closed the connection while attaching (it stopped or restarted: see "
                               f"its torchrun output).") from None
 
+    def _heard(self, msg: dict) -> None:
+        """Any message from rank 0; a heartbeat also says its interval (an attached group's own setting)."""
+        self.heard = time.monotonic()
+        beat = msg.get("heartbeat") if msg["op"] == proto.OP_STATUS else None
+        if isinstance(beat, (int, float)) and 0 < beat < float("inf"):
+            self.group_beat = float(beat)
+
     def _frozen_while_loading(self, msg: dict | None) -> None:
-        """While a local pool loads, rank 0 beats (with its peers' states) like during a job: name a frozen rank
-        now rather than at the startup timeout."""
+        """While the group loads (or rank 0 loads its start-up model before it serves us), rank 0 beats with its
+        peers' states, as during a job: name a frozen rank now rather than at the startup timeout. A local pool's
+        ranks beat at our interval; an attached group's interval is known from its first heartbeat."""
         now = time.monotonic()
         if msg is not None:
-            self.heard = now
             stale = {r: p for r, p in (msg.get("peers") or {}).items() if p.get("stale")}
             if msg["op"] == proto.OP_STATUS and stale:
                 r = max(stale, key=lambda k: stale[k]["silent_for"])
@@ -257,10 +267,18 @@ class Session:
             self.cancel_at = now
         if self.cancel_at is not None and self._cancel_overdue(op, now):
             raise self._uncooperative(op)
-        if now - self.heard > self.stale_after:
+        if now - self.heard > self.stale_after and not self._unread():
             self.fail(self.frozen(op.phase, 0, now - self.heard, None))
         if now - op.last > self.timeouts.step:
             self.fail(op.hang(now - op.last, self.status))
+
+    def _unread(self) -> bool:
+        """Whether rank 0 sent something this parent has not read yet: then the silence is ours (a slow callback, a
+        large send, a starved CPU), not a frozen rank 0's."""
+        try:
+            return self.conn.poll(0)
+        except (OSError, EOFError):
+            return False
 
     def _status(self, op, msg: dict) -> None:
         """Rank 0's heartbeat: a peer it marks stale (no heartbeat in the store) is frozen or cut off."""
@@ -273,7 +291,7 @@ class Session:
     @property
     def stale_after(self) -> float:
         """No message from rank 0 for this long while an op runs: it is frozen (its group's heartbeat counts)."""
-        group = [i.get("heartbeat") or 0.0 for i in self.ready_info[:1]]
+        group = [i.get("heartbeat") or 0.0 for i in self.ready_info[:1]] + [self.group_beat or 0.0]
         return replace(self.timeouts, heartbeat=max([self.timeouts.heartbeat, *group])).stale_after
 
     def frozen(self, phase: str, rank: int, silent_s: float, where: str | None) -> WorkerError:

@@ -14,24 +14,21 @@ import os
 import queue
 import select
 import signal
-import socket
 import sys
 import threading
 import time
-from multiprocessing import AuthenticationError
 from multiprocessing.connection import wait
 from typing import NoReturn
 
 from .. import __version__, logger
 from .. import protocol as proto
-from ..channel import KEY_ENV, authenticate, dumps, loads
+from ..channel import dumps, loads
 from .decode import serve_decode
+from .door import Door
 from .life import pid_alive
 
 PREVIEW_INTERVAL_S = 0.5
 """Latent previews are sent at most this often (progress counts always)."""
-MAX_HANDSHAKES = 8
-"""Connections authenticating at once; more are closed at once (a flood cannot pile up threads)."""
 
 
 class _ParentGone(Exception):
@@ -57,60 +54,25 @@ class Lead:
         self.job_id, self.done, self.total, self.cancel, self.last_preview = None, 0, 0, False, 0.0
         self.beats: dict[int, tuple[bytes, float]] = {}
         self.send_lock, self.fail_lock = threading.Lock(), threading.Lock()
-        self.handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
         self.bad_store_values = 0
 
     # ------------------------------------------------------------------ listener
     def listen(self) -> None:
-        host, _, port = self.r.args.serve.rpartition(":")
-        host = (host or "127.0.0.1").strip("[]")
-        try:
-            self.server = socket.create_server((host, int(port)), backlog=16)
-        except (OSError, ValueError) as exc:
-            raise RuntimeError(f"cannot listen on --serve {self.r.args.serve} ({exc}): the port is in use or the "
-                               f"address is not on this host; pick another --serve address.") from None
-        self.address = self.server.getsockname()[:2]
-        self.incoming: queue.Queue = queue.Queue()
-        self.wake_r, self.wake_w = os.pipe()
-        threading.Thread(target=self._accept, name="dualparal-accept", daemon=True).start()
+        self.door = Door(self.r.args.serve, self.r.key, self.t.connect, self.send_lock,
+                         lambda: self._status({"phase": self.r.phase}))
+        self.door.listen()
+        self.address, self.wake_r = self.door.address, self.door.wake_r
 
     def publish_port(self) -> None:
         """Tell a local pool's parent (which hosts the store) where to attach: the port the OS picked."""
         if self.r.kv is not None:
             self.r.kv.set("serve", proto.write_store("port", {"port": int(self.address[1])}))
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, addr = self.server.accept()
-            except OSError:
-                return
-            if not self.handshakes.acquire(blocking=False):
-                sock.close()
-                logger.warning("refused a connection from %s: %d others are still authenticating", addr[0],
-                               MAX_HANDSHAKES)
-                continue
-            threading.Thread(target=self._handshake, args=(sock, f"{addr[0]}:{addr[1]}"), daemon=True).start()
-
-    def _handshake(self, sock: socket.socket, who: str) -> None:
-        try:
-            conn = authenticate(sock, self.r.key, server=True, timeout=self.t.connect)
-        except AuthenticationError:
-            logger.warning("refused a connection from %s: it has another %s", who, KEY_ENV)
-            return
-        except (OSError, EOFError):
-            logger.info("a connection from %s did not complete the handshake", who)
-            return
-        finally:
-            self.handshakes.release()
-        self.incoming.put((conn, who))
-        os.write(self.wake_w, b"!")
-
     def serve_forever(self) -> None:
         """One parent at a time, until the first one detaches (``--exit-on-detach``) or forever."""
         while True:
             try:
-                conn, who = self.incoming.get_nowait()
+                conn, who = self.door.next()
             except queue.Empty:
                 if wait([self.wake_r], self.t.keepalive):
                     os.read(self.wake_r, 4096)
@@ -188,7 +150,9 @@ class Lead:
         try:
             self._run_op(msg)
         finally:
-            self.serving = False
+            # a decode goes on after rank 0's own span (the others send their blocks straight to the parent): it
+            # beats until the parent says the decode is over (OP_IDLE), or the parent takes it for frozen
+            self.serving = msg["op"] == proto.OP_DECODE
 
     def _run_op(self, msg: dict) -> None:
         op = msg["op"]
@@ -205,13 +169,13 @@ class Lead:
             self.send(proto.OP_PONG)
         elif op == proto.OP_CLOSE:
             self.closing = True
-        elif op != proto.OP_CANCEL:  # a cancel that crossed the end of its job: nothing runs
+        elif op not in (proto.OP_CANCEL, proto.OP_IDLE):  # a cancel that crossed the end of its job: nothing runs
             logger.warning("ignoring control message %r from %s", op, self.client)
 
     def _turn_away(self) -> None:
         while True:
             try:
-                other, who = self.incoming.get_nowait()
+                other, who = self.door.next()
             except queue.Empty:
                 return
             try:
@@ -266,7 +230,15 @@ class Lead:
             except (OSError, EOFError):
                 waited = False
         if conn is not None and (self.r.busy or self.serving or waited):
-            self.send(proto.OP_STATUS, **{k: v for k, v in state.items() if k != "n"}, peers=self.peer_states())
+            self.send(**self._status(state))
+        if self.door.waiting:  # parents waiting during the rendezvous, the start-up model or another's job
+            self.door.tell_waiting(self._status(state))
+
+    def _status(self, state: dict) -> dict:
+        """A heartbeat: this rank's state, its peers' and its interval (so that an attached parent knows it before
+        the group is ready, and tells a frozen rank 0 from a long load)."""
+        return {"op": proto.OP_STATUS, "rank": 0, **{k: v for k, v in state.items() if k != "n"},
+                "peers": self.peer_states(), "heartbeat": self.t.heartbeat}
 
     # ------------------------------------------------------------------ faults
     def fail(self, report: dict, code: int = 1) -> NoReturn:

@@ -65,8 +65,10 @@ class Rank:
 
             self.lead = Lead(self)
             self.lead.listen()  # before the rendezvous: a taken port fails at once
-        self._join()
+        # from here on: rank 0 beats to the parents that wait for it (through the rendezvous and the start-up
+        # model too); the others beat into the store once they joined
         threading.Thread(target=self._beat, name="dualparal-heartbeat", daemon=True).start()
+        self._join()
         if self.lead is not None:
             self.lead.watch()
         self._startup_model()

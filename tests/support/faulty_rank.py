@@ -3,7 +3,8 @@
 Run by a local pool when the test sets ``DUALPARAL_RANK_MODULE=faulty_rank`` (with this folder on PYTHONPATH, see
 ``fault_helpers.fault_env``); fault injection lives here, never in the product. ``DUALPARAL_FAULT`` is a
 ``;``-separated list of ``key=value,...`` with keys rank (default: every rank), phase (startup|load|sample|decode),
-step (1-based block-step on that rank; for decode, the rank's decoded blocks counted over all decodes), kind
+step (1-based block-step on that rank; for decode, the rank's decoded blocks counted over all decodes; for load,
+the rank's n-th model load, a torchrun group's start-up model being the first), kind
 (kill|raise|hang|oom|slow|exit_on_start|exit_early|never_ready|ignore_term) and delay (seconds, kind=slow).
 """
 
@@ -119,7 +120,8 @@ class FaultyRank(Rank):
 
     def build(self, spec):
         stage = super().build(spec)
-        self.fire("load")
+        self.builds = getattr(self, "builds", 0) + 1
+        self.fire("load", self.builds)
         return stage
 
     def _install(self, stage, spec) -> None:
