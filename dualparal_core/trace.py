@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
