@@ -14,6 +14,14 @@ from collections.abc import Sequence
 from .model import WanStage
 
 HIGH, LOW = 0, 1
+#: The boundary sigma Wan2.2 ships for its A14B pairs: T2V 0.875, I2V 0.900 (``boundary`` in
+#: wan/configs/wan_t2v_A14B.py and wan/configs/wan_i2v_A14B.py of github.com/Wan-Video/Wan2.2, read at 42bf4cf).
+BOUNDARY_T2V, BOUNDARY_I2V = 0.875, 0.900
+
+
+def default_boundary(config) -> float:
+    """The boundary for a pair of this shape: I2V files (36 input channels) take Wan2.2 I2V's, others T2V's."""
+    return BOUNDARY_I2V if config.concat_channels else BOUNDARY_T2V
 
 
 class Experts:

@@ -90,6 +90,14 @@ def add_modulate(h: torch.Tensor, o: torch.Tensor, shift: torch.Tensor, scale: t
     return h, modulate(h, shift, scale, eps)
 
 
+def cross_attend(q: torch.Tensor, kv, backend: str) -> torch.Tensor:
+    """Cross-attention over one (k, v), or per batch half over ((k, v), (k, v)) when cond and uncond differ in
+    length (timeline.TextBank)."""
+    if isinstance(kv[0], torch.Tensor):
+        return attention(q, kv[0], kv[1], backend)
+    return torch.cat([attention(q[i:i + 1], k, v, backend) for i, (k, v) in enumerate(kv)])
+
+
 _ELEMENTWISE = {"modulate": modulate, "gated_residual": gated_residual, "rope_qk": rope_qk,
                 "affine_norm": affine_norm, "rms_heads": rms_heads, "add_modulate": add_modulate}
 
@@ -128,9 +136,11 @@ def _deterministic_compiled(fn):
 @dataclass
 class TextKV:
     """Cross-attention keys/values of one prompt (or blend), per layer: {layer: (k, v)} each [b, H, L_text, d], or
-    {layer: ((k, v), (k, v))}, one pair per batch half, when cond and uncond differ in length."""
+    {layer: ((k, v), (k, v))}, one pair per batch half, when cond and uncond differ in length. ``img``: the same
+    over the image tokens for a model with the image cross-attention (Wan2.1 I2V/FLF2V), else None."""
 
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    img: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class WanStage(nn.Module):
@@ -158,10 +168,12 @@ class WanStage(nn.Module):
         c = config
         with torch.device("meta"):
             self.condition_embedder = WanTimeTextImageEmbedding(
-                dim=c.dim, time_freq_dim=c.freq_dim, time_proj_dim=c.dim * 6, text_embed_dim=c.text_dim)
+                dim=c.dim, time_freq_dim=c.freq_dim, time_proj_dim=c.dim * 6, text_embed_dim=c.text_dim,
+                image_embed_dim=c.image_dim, pos_embed_seq_len=c.image_pos_len)
+            added_kv = c.dim if c.image_dim is not None else None  # I2V: k_img/v_img (add_k_proj/add_v_proj)
             self.blocks = nn.ModuleDict({
                 str(i): WanTransformerBlock(c.dim, c.ffn_dim, c.num_heads, "rms_norm_across_heads",
-                                            c.cross_attn_norm, c.eps) for i in layers})
+                                            c.cross_attn_norm, c.eps, added_kv) for i in layers})
             if embed:
                 self.patch_embedding = nn.Conv3d(c.in_channels, c.dim, kernel_size=c.patch_size,
                                                  stride=c.patch_size)
@@ -244,16 +256,41 @@ class WanStage(nn.Module):
         return tproj.float(), temb
 
     @torch.no_grad()
-    def prepare_text(self, context: torch.Tensor) -> TextKV:
-        """context [b, L, text_dim] -> per-layer cross-attention K/V, computed once per job."""
-        emb = self.condition_embedder.text_embedder(context.to(self.device, self.dtype))
-        kv = {}
+    def prepare_text(self, context: torch.Tensor, clip: torch.Tensor | None = None) -> TextKV:
+        """context [b, L, text_dim] (and, for a model with ``img_emb``, CLIP-vision tokens ``clip`` [b, N, 1280])
+        -> per-layer cross-attention K/V, computed once per job.
+
+        The image K/V follow ComfyUI's ``WanModel``: the projected CLIP tokens when given; without them its I2V
+        cross-attention reads the text tokens as image tokens too (``context[:, :None]``), and so does this. A
+        model without ``img_emb`` ignores ``clip``, as ComfyUI does.
+        """
+        ce = self.condition_embedder
+        emb = ce.text_embedder(context.to(self.device, self.dtype))
+        img = None
+        if ce.image_embedder is not None:
+            img = emb if clip is None else self._image_tokens(clip)
+        kv, kv_img = {}, ({} if img is not None else None)
         for i in self.layers:
             a = self.blocks[str(i)].attn2
             k = a.norm_k(a.to_k(emb)).unflatten(2, (a.heads, -1)).transpose(1, 2)
             v = a.to_v(emb).unflatten(2, (a.heads, -1)).transpose(1, 2)
             kv[i] = (k.contiguous(), v.contiguous())
-        return TextKV(kv)
+            if img is not None:
+                k = a.norm_added_k(a.add_k_proj(img)).unflatten(2, (a.heads, -1)).transpose(1, 2)
+                v = a.add_v_proj(img).unflatten(2, (a.heads, -1)).transpose(1, 2)
+                kv_img[i] = (k.contiguous(), v.contiguous())
+        return TextKV(kv, kv_img)
+
+    def _image_tokens(self, clip: torch.Tensor) -> torch.Tensor:
+        """CLIP-vision tokens [b, N, image_dim] -> [b, N', dim] through ``img_emb``; FLF2V's position table is
+        added to the first ``image_pos_len`` tokens as ComfyUI's ``MLPProj`` does (start and end image tokens
+        joined along the token axis)."""
+        ie = self.condition_embedder.image_embedder
+        x = clip.to(self.device, self.dtype)
+        if ie.pos_embed is not None:
+            n = ie.pos_embed.shape[1]
+            x = x[:, :n] + ie.pos_embed[:, :x.shape[1]].to(x.dtype)
+        return ie.norm2(ie.ff(ie.norm1(x)))
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -285,7 +322,8 @@ class WanStage(nn.Module):
         cache = {} if keep is not None else None
         for i in self.layers:
             r = None if right is None else right.pop(i)
-            h, kv = self._layer(self.blocks[str(i)], h, tproj, text.kv[i], cos, sin, L, r, keep)
+            img = None if text.img is None else text.img[i]
+            h, kv = self._layer(self.blocks[str(i)], h, tproj, (text.kv[i], img), cos, sin, L, r, keep)
             if cache is not None:
                 cache[i] = kv
         return h, cache
@@ -319,11 +357,10 @@ class WanStage(nn.Module):
         x = h if isinstance(n2, nn.Identity) else ew["affine_norm"](h, n2.weight, n2.bias, n2.eps)
         c = blk.attn2
         q = ew["rms_heads"](c.to_q(x), c.norm_q.weight, c.norm_q.eps, c.heads)
-        if isinstance(text_kv[0], torch.Tensor):
-            o = attention(q, text_kv[0], text_kv[1], cross_backend(self.attention_backend))
-        else:  # cond and uncond of different lengths: one (k, v) per batch half (timeline.TextBank)
-            be = cross_backend(self.attention_backend)
-            o = torch.cat([attention(q[i:i + 1], k, v, be) for i, (k, v) in enumerate(text_kv)])
+        (tk, img_kv), be = text_kv, cross_backend(self.attention_backend)
+        o = cross_attend(q, tk, be)
+        if img_kv is not None:  # I2V: text and image attention summed before the output projection
+            o = o + cross_attend(q, img_kv, be)
         h, x = ew["add_modulate"](h, c.to_out[0](o.transpose(1, 2).flatten(2)), c_shift, c_scale, eps)
         h = ew["gated_residual"](h, feed_forward(blk.ffn, x, self.ffn_epilogue), c_gate)
         return h, saved
