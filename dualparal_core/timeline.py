@@ -188,6 +188,7 @@ class TextBank:
         if tl.negative is None and self.negative is not None:
             plan = [(p, ((0, 1.0),)) for p, _ in plan]
         self.plan = plan
+        self.clip = None if job.image is None else job.image.clip  # I2V: CLIP-vision tokens for the image K/V
         self.counts = Counter(self.key(it) for it in schedule.items)
         self.left = dict(self.counts)
         self.live: dict[tuple, object] = {}
@@ -203,14 +204,16 @@ class TextBank:
         e, pos, neg = key
         stage = self.model.stages[e]
         c = self.positive.mix(pos)
+        clip = self.clip
         if neg is None:
-            return stage.prepare_text(c)
+            return stage.prepare_text(c, clip)
         u = self.negative.mix(neg)
         if c.shape[1] == u.shape[1]:
-            return stage.prepare_text(torch.cat([c, u], dim=0))
+            return stage.prepare_text(torch.cat([c, u], dim=0), None if clip is None else clip.expand(2, -1, -1))
         # each half keeps its own length: the layer runs cross-attention per batch half (model.WanStage._layer)
-        a, b = stage.prepare_text(c), stage.prepare_text(u)
-        return type(a)({i: (a.kv[i], b.kv[i]) for i in a.kv})
+        a, b = stage.prepare_text(c, clip), stage.prepare_text(u, clip)
+        return type(a)({i: (a.kv[i], b.kv[i]) for i in a.kv},
+                       None if a.img is None else {i: (a.img[i], b.img[i]) for i in a.img})
 
     def take(self, item):
         """The K/V the item's layers read (built if this is the first item of the video needing them)."""

@@ -132,11 +132,11 @@ def check_latent_shape(samples: torch.Tensor, config: WanConfig) -> None:
     """Shape checks against the model, before any GPU work."""
     if samples.ndim != 5:
         raise ValueError(f"latent_image has shape {list(samples.shape)}; a Wan video latent is 5-D "
-                         f"[batch, {config.in_channels}, frames, height/8, width/8] (Empty Hunyuan Latent Video).")
+                         f"[batch, {config.out_channels}, frames, height/8, width/8] (Empty Hunyuan Latent Video).")
     b, c, t, h, w = samples.shape
-    if c != config.in_channels:
+    if c != config.out_channels:
         hint = (" (a Wan2.2 TI2V-5B / Wan2.2-VAE latent)" if c == 48 else "")
-        raise ValueError(f"latent_image has {c} channels{hint} but the model takes {config.in_channels}: use the "
+        raise ValueError(f"latent_image has {c} channels{hint} but the model takes {config.out_channels}: use the "
                          f"Wan2.1 VAE's latent (Empty Hunyuan Latent Video gives 16 channels).")
     ph, pw = config.patch_size[1:]
     if h % ph or w % pw:
