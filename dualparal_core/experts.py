@@ -10,8 +10,10 @@ job's sigma table, with no extra communication.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from .model import WanStage
+if TYPE_CHECKING:  # the Loader reads default_boundary at ComfyUI start-up: no model code (nor diffusers) then
+    from .model import WanStage
 
 HIGH, LOW = 0, 1
 #: The boundary sigma Wan2.2 ships for its A14B pairs: T2V 0.875, I2V 0.900 (``boundary`` in

@@ -62,14 +62,12 @@ def missing_gpus(devices: tuple[str, ...], gpu_count: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- CONDITIONING
+#: Image-to-video keys, read by nodes/image.py (WanImageToVideo, WanFirstLastFrameToVideo, CLIP Vision Encode).
+_IMAGE = ("concat_latent_image", "concat_mask", "clip_vision_output")
 #: Keys whose value (or None) changes nothing, so they may be present.
 _NEUTRAL = {"pooled_output": None, "start_percent": 0.0, "end_percent": 1.0, "strength": 1.0}
 #: Keys the engine cannot honour, with what made them and what to do instead.
 _REFUSED = {
-    "concat_latent_image": "image-to-video conditioning (WanImageToVideo/WanFirstLastFrameToVideo); DualParal "
-                           "runs text-to-video models only",
-    "concat_mask": "image-to-video conditioning (a concat mask); DualParal runs text-to-video models only",
-    "clip_vision_output": "CLIP-vision image conditioning (I2V); DualParal runs text-to-video models only",
     "reference_latents": "reference latents (ReferenceLatent / Wan Fun); not supported",
     "vace_frames": "VACE control video (WanVaceToVideo); VACE models are not supported",
     "camera_conditions": "camera control (WanCameraImageToVideo); not supported",
@@ -99,7 +97,7 @@ def extract_conditioning(cond, name: str, text_dim: int) -> torch.Tensor:
         raise ValueError(f"{name} is not a CONDITIONING entry [tensor, dict]; connect a CLIP Text Encode.")
     tensor, extras = entry[0], entry[1] or {}
     for key, value in extras.items():
-        if value is None or (key in _NEUTRAL and value == _NEUTRAL[key]):
+        if value is None or key in _IMAGE or (key in _NEUTRAL and value == _NEUTRAL[key]):
             continue
         if key in ("start_percent", "end_percent"):
             raise ValueError(f"{name} has a timestep range ({key}={value}, from ConditioningSetTimestepRange); "
