@@ -22,14 +22,19 @@ from comfy_harness import (
 )
 
 pytestmark = [pytest.mark.comfy_live, pytest.mark.skipif(not COMFY, reason=SKIP_REASON)]
-MODELS = {"i2v": "wan2.1_i2v_480p_14B_fp16.safetensors", "flf2v": "wan2.1_flf2v_720p_14B_fp16.safetensors",
-          "i2v_concat": "wan2.2_i2v_high_noise_14B_fp16.safetensors"}
+MODELS = {"i2v": "wan2.1_i2v_480p_14B_fp8_scaled.safetensors", "flf2v": "wan2.1_flf2v_720p_14B_fp16.safetensors",
+          "i2v_concat": "wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors"}
+LOW = "wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors"  # (fp16 weights under the shipped names, for exact parity)
+LORAS = ("wan2.2_i2v_lightx2v_4steps_lora_v1_high_noise.safetensors",
+         "wan2.2_i2v_lightx2v_4steps_lora_v1_low_noise.safetensors")
 T2V = "wan2.1_t2v_1.3B_fp16.safetensors"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    from comfy_harness import _tiny_lora
     from PIL import Image
+    from safetensors.torch import save_file
 
     from dualparal_core.checkpoint import random_state_dict, save_checkpoint
 
@@ -37,12 +42,14 @@ def server(tmp_path_factory):
     yaml = build_assets(base)
     image = {"i2v": {"in_channels": 36, "image_dim": 1280}, "i2v_concat": {"in_channels": 36},
              "flf2v": {"in_channels": 36, "image_dim": 1280, "image_pos_len": 514}}
-    for i, (variant, name) in enumerate(MODELS.items()):
+    for i, (variant, name) in enumerate([*MODELS.items(), ("i2v_concat", LOW)]):
         cfg = replace(tiny_config(), **image[variant])
         save_checkpoint(random_state_dict(cfg, seed=20 + i), base / "models" / "diffusion_models" / name, "comfy",
                         dtype=torch.float16)
+    for i, name in enumerate(LORAS):
+        save_file(_tiny_lora(tiny_config(), seed=30 + i), base / "models" / "loras" / name)
     g = torch.Generator().manual_seed(0)
-    for name in ("start", "end"):
+    for name in ("start", "end", "example"):
         px = (torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy()  # resized+cropped to 32x32
         Image.fromarray(px).save(base / "input" / f"{name}.png")
     srv = ComfyServer(base, yaml).start()
@@ -162,3 +169,38 @@ def test_a_t2v_model_ignores_image_conditioning_with_a_warning(server):
     assert h["status"]["status_str"] == "success", error_of(h)
     torch.testing.assert_close(_saved(server, h, "aD"), _saved(server, h, "aK"), rtol=FOREIGN_TOL, atol=FOREIGN_TOL)
     assert "the model is text-to-video, so the image conditioning" in server.log_tail(200000)
+
+
+def _tinify(api: dict) -> dict:
+    """A shipped I2V workflow at test size: test_e2e's tinify, the image nodes at 32x32 and 21 frames, and the
+    CLIP-vision encoder (full size only in ComfyUI) replaced by the test node."""
+    from test_e2e import tinify
+
+    g = tinify(api)
+    for nid, node in list(g.items()):
+        ct, inp = node["class_type"], node["inputs"]
+        if ct == "CLIPVisionLoader":
+            del g[nid]
+        elif ct == "CLIPVisionEncode":
+            g[nid] = {"class_type": "DualParalTestClipVision", "inputs": {"seed": int(nid)}}
+        elif ct in ("WanImageToVideo", "WanFirstLastFrameToVideo"):
+            inp.update(width=32, height=32, length=21)
+    return g
+
+
+@pytest.mark.parametrize("name", ["wan21_i2v_14B_long_video", "wan22_i2v_A14B_lightx2v",
+                                  "wan21_flf2v_14B_first_last_frame"])
+def test_shipped_i2v_workflow_runs(server, name):
+    import json
+
+    from comfy_harness import ROOT
+
+    api = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
+    h = server.run(_tinify(api), timeout=400)
+    assert h["status"]["status_str"] == "success", error_of(h)
+    saves = [nid for nid, n in api.items() if n["class_type"] == "SaveVideo"]
+    assert saves
+    for nid in saves:
+        item = h["outputs"][nid]["images"][0]
+        path = server.base / "out" / item["subfolder"] / item["filename"]
+        assert path.suffix == ".mp4" and path.stat().st_size > 0
