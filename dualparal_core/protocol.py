@@ -201,7 +201,8 @@ class Job:
         """Rank 0 holds the whole video in float32 a few times (latents, noise, result, transfer): refuse what this
         host's free RAM cannot hold before anything allocates it (a clear sentence, not an allocator error)."""
         latent = math.prod(self.shape) * 4
-        need = RANK0_LATENT_COPIES * latent
+        concat = self.image.concat.numel() * 4 if self.image is not None and self.image.concat is not None else 0
+        need = RANK0_LATENT_COPIES * latent + concat  # + the I2V concat latent (20 channels), held once
         try:
             import psutil
 

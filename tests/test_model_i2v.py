@@ -117,3 +117,14 @@ def test_unsupported_variants_keep_a_clear_error(tmp_path):
         save_file({**sd, **extra}, str(path))
         with pytest.raises(ValueError, match=rf"{name}\.safetensors.*{want}"):
             inspect_checkpoint(str(path))
+
+
+def test_the_command_line_refuses_an_i2v_model_naming_it(tmp_path):
+    """The headless CLI has no image input: an I2V file is refused before anything starts, not zero-filled."""
+    from dualparal_core.checkpoint import random_state_dict
+    from dualparal_core.headless.checks import check_model
+
+    path = tmp_path / "wan2.1_i2v_480p_14B_fp16.safetensors"
+    save_checkpoint(random_state_dict(tiny_config("i2v")), str(path), "comfy")
+    with pytest.raises(ValueError, match=r"--model=.*wan2\.1_i2v_480p.*image-to-video model \(i2v\).*WanImageToVideo"):
+        check_model(str(path), 2)
