@@ -104,6 +104,29 @@ def build_concat(noise_shape: tuple[int, ...], image: torch.Tensor | None, mask:
     return torch.cat((mask, image), dim=1).contiguous()
 
 
+def image_kv(stage, text_emb: torch.Tensor, clip: torch.Tensor | None) -> dict | None:
+    """Per-layer image K/V of a stage whose model has ``img_emb`` (None for the others, which ignore ``clip`` as
+    ComfyUI does), once per job, as ComfyUI's ``WanModel`` computes them: from the projected CLIP-vision tokens when
+    given; without them its I2V cross-attention reads the text tokens as image tokens (``context[:, :None]``), and
+    so does this (``text_emb``: the text embedder's output)."""
+    ie = stage.condition_embedder.image_embedder
+    if ie is None:
+        return None
+    img = text_emb
+    if clip is not None:  # img_emb; FLF2V adds its position table to the first tokens, as ComfyUI's MLPProj does
+        x = clip.to(stage.device, stage.dtype)
+        if ie.pos_embed is not None:
+            x = x[:, :ie.pos_embed.shape[1]] + ie.pos_embed[:, :x.shape[1]].to(x.dtype)
+        img = ie.norm2(ie.ff(ie.norm1(x)))
+    out = {}
+    for i in stage.layers:
+        a = stage.blocks[str(i)].attn2
+        k = a.norm_added_k(a.add_k_proj(img)).unflatten(2, (a.heads, -1)).transpose(1, 2)
+        v = a.add_v_proj(img).unflatten(2, (a.heads, -1)).transpose(1, 2)
+        out[i] = (k.contiguous(), v.contiguous())
+    return out
+
+
 class JobImage:
     """One job's image conditioning as the engine reads it: each block-step's input window (the CLIP-vision tokens
     go into the text K/V, timeline.TextBank). A text-to-video model passes the latent through unchanged."""

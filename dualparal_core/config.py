@@ -58,8 +58,7 @@ class WanConfig:
     """Length of the precomputed RoPE tables."""
     image_dim: int | None = None
     """CLIP-vision width of ``img_emb`` (1280) with the k_img/v_img cross-attention (Wan2.1 I2V/FLF2V); or None."""
-    image_pos_len: int | None = None
-    """FLF2V's ``img_emb.emb_pos`` tokens (514 = 2 x 257), or None."""
+    image_pos_len: int | None = None  # FLF2V's ``img_emb.emb_pos`` tokens (514 = 2 x 257), or None
 
     def __post_init__(self) -> None:
         if self.concat_channels not in (0, 20) or (self.image_dim is None and self.image_pos_len is not None):

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attention, cross_backend
+from .conditioning import image_kv
 from .config import ATTENTION_BACKENDS, WanConfig
 from .files import keeps_fp32
 
@@ -257,40 +258,16 @@ class WanStage(nn.Module):
 
     @torch.no_grad()
     def prepare_text(self, context: torch.Tensor, clip: torch.Tensor | None = None) -> TextKV:
-        """context [b, L, text_dim] (and, for a model with ``img_emb``, CLIP-vision tokens ``clip`` [b, N, 1280])
-        -> per-layer cross-attention K/V, computed once per job.
-
-        The image K/V follow ComfyUI's ``WanModel``: the projected CLIP tokens when given; without them its I2V
-        cross-attention reads the text tokens as image tokens too (``context[:, :None]``), and so does this. A
-        model without ``img_emb`` ignores ``clip``, as ComfyUI does.
-        """
-        ce = self.condition_embedder
-        emb = ce.text_embedder(context.to(self.device, self.dtype))
-        img = None
-        if ce.image_embedder is not None:
-            img = emb if clip is None else self._image_tokens(clip)
-        kv, kv_img = {}, ({} if img is not None else None)
+        """context [b, L, text_dim] -> per-layer cross-attention K/V, computed once per job; a model with
+        ``img_emb`` also gets image K/V from the CLIP-vision tokens ``clip`` (:func:`conditioning.image_kv`)."""
+        emb = self.condition_embedder.text_embedder(context.to(self.device, self.dtype))
+        kv = {}
         for i in self.layers:
             a = self.blocks[str(i)].attn2
             k = a.norm_k(a.to_k(emb)).unflatten(2, (a.heads, -1)).transpose(1, 2)
             v = a.to_v(emb).unflatten(2, (a.heads, -1)).transpose(1, 2)
             kv[i] = (k.contiguous(), v.contiguous())
-            if img is not None:
-                k = a.norm_added_k(a.add_k_proj(img)).unflatten(2, (a.heads, -1)).transpose(1, 2)
-                v = a.add_v_proj(img).unflatten(2, (a.heads, -1)).transpose(1, 2)
-                kv_img[i] = (k.contiguous(), v.contiguous())
-        return TextKV(kv, kv_img)
-
-    def _image_tokens(self, clip: torch.Tensor) -> torch.Tensor:
-        """CLIP-vision tokens [b, N, image_dim] -> [b, N', dim] through ``img_emb``; FLF2V's position table is
-        added to the first ``image_pos_len`` tokens as ComfyUI's ``MLPProj`` does (start and end image tokens
-        joined along the token axis)."""
-        ie = self.condition_embedder.image_embedder
-        x = clip.to(self.device, self.dtype)
-        if ie.pos_embed is not None:
-            n = ie.pos_embed.shape[1]
-            x = x[:, :n] + ie.pos_embed[:, :x.shape[1]].to(x.dtype)
-        return ie.norm2(ie.ff(ie.norm1(x)))
+        return TextKV(kv, image_kv(self, emb, clip))
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
