@@ -21,6 +21,17 @@ import torch
 
 from .config import WanConfig
 
+
+def cross_attend(q: torch.Tensor, kv, backend: str) -> torch.Tensor:
+    """Cross-attention over a job's text or image K/V: one (k, v), or per batch half over ((k, v), (k, v)) when
+    cond and uncond differ in length (timeline.TextBank)."""
+    from .attention import attention
+
+    if isinstance(kv[0], torch.Tensor):
+        return attention(q, kv[0], kv[1], backend)
+    return torch.cat([attention(q[i:i + 1], k, v, backend) for i, (k, v) in enumerate(kv)])
+
+
 MASK_CHANNELS = 4
 """The concat's first channels: ``1 - concat_mask`` per latent frame, 4 per frame (one per pixel frame)."""
 

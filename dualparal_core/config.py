@@ -79,12 +79,6 @@ class WanConfig:
         """Channels of ComfyUI's image conditioning appended to the noisy latent (0: text-to-video)."""
         return self.in_channels - self.out_channels
 
-    @property
-    def variant(self) -> str:
-        """"t2v", "i2v" (Wan2.1 I2V), "flf2v" (img_emb.emb_pos) or "i2v_concat" (no img_emb: Wan2.2 I2V A14B)."""
-        image = "i2v_concat" if self.image_dim is None else "i2v" if self.image_pos_len is None else "flf2v"
-        return image if self.concat_channels else "t2v"
-
     def diffusers_kwargs(self) -> dict:
         """Keyword arguments for diffusers' ``WanTransformer3DModel`` with this shape."""
         same = ("in_channels", "out_channels", "text_dim", "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm",

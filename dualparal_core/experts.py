@@ -21,6 +21,12 @@ HIGH, LOW = 0, 1
 BOUNDARY_T2V, BOUNDARY_I2V = 0.875, 0.900
 
 
+def variant(config) -> str:
+    """"t2v", "i2v" (Wan2.1 I2V), "flf2v" (img_emb.emb_pos) or "i2v_concat" (no img_emb: Wan2.2 I2V A14B)."""
+    image = "i2v_concat" if config.image_dim is None else "i2v" if config.image_pos_len is None else "flf2v"
+    return image if config.concat_channels else "t2v"
+
+
 def default_boundary(config) -> float:
     """The boundary for a pair of this shape: I2V files (36 input channels) take Wan2.2 I2V's, others T2V's."""
     return BOUNDARY_I2V if config.concat_channels else BOUNDARY_T2V

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attention, cross_backend
-from .conditioning import image_kv
+from .conditioning import cross_attend, image_kv
 from .config import ATTENTION_BACKENDS, WanConfig
 from .files import keeps_fp32
 
@@ -89,14 +89,6 @@ def add_modulate(h: torch.Tensor, o: torch.Tensor, shift: torch.Tensor, scale: t
     """The cross-attention's residual ``h + o`` and the FFN's modulated input from it, in one pass."""
     h = h + o
     return h, modulate(h, shift, scale, eps)
-
-
-def cross_attend(q: torch.Tensor, kv, backend: str) -> torch.Tensor:
-    """Cross-attention over one (k, v), or per batch half over ((k, v), (k, v)) when cond and uncond differ in
-    length (timeline.TextBank)."""
-    if isinstance(kv[0], torch.Tensor):
-        return attention(q, kv[0], kv[1], backend)
-    return torch.cat([attention(q[i:i + 1], k, v, backend) for i, (k, v) in enumerate(kv)])
 
 
 _ELEMENTWISE = {"modulate": modulate, "gated_residual": gated_residual, "rope_qk": rope_qk,

@@ -89,7 +89,7 @@ def write_tiny(folder: Path, fp8: bool, seed: int = 0) -> tuple[Path, bytes]:
 
 
 def tiny_config(variant: str = "t2v", **kw):
-    """``WanConfig.tiny(**kw)`` of one model variant (``WanConfig.variant``): "t2v", "i2v" (Wan2.1 I2V: 36 input
+    """``WanConfig.tiny(**kw)`` of one model variant (``experts.variant``): "t2v", "i2v" (Wan2.1 I2V: 36 input
     channels, img_emb and k_img/v_img), "flf2v" (+ emb_pos of 514 tokens) or "i2v_concat" (Wan2.2 I2V A14B: the 36
     channels only). The image models keep CLIP-vision's real width 1280."""
     from dataclasses import replace

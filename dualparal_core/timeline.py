@@ -204,14 +204,18 @@ class TextBank:
         e, pos, neg = key
         stage = self.model.stages[e]
         c = self.positive.mix(pos)
-        clip = self.clip
+
+        def text(ctx):  # I2V: the CLIP-vision tokens go with every prompt (image K/V, conditioning.image_kv)
+            return stage.prepare_text(ctx) if self.clip is None else stage.prepare_text(
+                ctx, self.clip.expand(ctx.shape[0], -1, -1))
+
         if neg is None:
-            return stage.prepare_text(c, clip)
+            return text(c)
         u = self.negative.mix(neg)
         if c.shape[1] == u.shape[1]:
-            return stage.prepare_text(torch.cat([c, u], dim=0), None if clip is None else clip.expand(2, -1, -1))
+            return text(torch.cat([c, u], dim=0))
         # each half keeps its own length: the layer runs cross-attention per batch half (model.WanStage._layer)
-        a, b = stage.prepare_text(c, clip), stage.prepare_text(u, clip)
+        a, b = text(c), text(u)
         return type(a)({i: (a.kv[i], b.kv[i]) for i in a.kv},
                        None if a.img is None else {i: (a.img[i], b.img[i]) for i in a.img})
 

@@ -28,6 +28,7 @@ from dualparal_core.checkpoint import (
     save_checkpoint,
 )
 from dualparal_core.config import WanConfig
+from dualparal_core.experts import variant
 
 LOSSLESS = {"diffusers": ("diffusers", ""), "original": ("original", ""),
             "comfy": ("original", "model.diffusion_model."), "comfy_bare": ("original", "diffusion_model.")}
@@ -230,7 +231,7 @@ def test_real_size_variants_are_refused():
     with pytest.raises(ValueError, match=r"odd\.safetensors.*32 input / 16 output latent channels.*I2V 36"):
         info_from_header(odd, "odd.safetensors")
     i2v = replace(WanConfig.tiny(num_layers=1), in_channels=36)  # Wan2.2 I2V A14B's layout: loads as I2V
-    assert info_from_header(_meta_header(i2v), "i2v.safetensors").config.variant == "i2v_concat"
+    assert variant(info_from_header(_meta_header(i2v), "i2v.safetensors").config) == "i2v_concat"
 
 
 # ------------------------------------------------------------------------------------------------ slicing

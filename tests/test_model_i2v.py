@@ -11,6 +11,7 @@ from diffusers import WanTransformer3DModel
 from dualparal_core.checkpoint import save_checkpoint
 from dualparal_core.config import WanConfig
 from dualparal_core.experts import default_boundary
+from dualparal_core.experts import variant as conditioning_variant
 from dualparal_core.files import inspect_checkpoint
 from dualparal_core.model import WanStage
 from dualparal_core.testing import tiny_config
@@ -80,7 +81,7 @@ def test_comfy_i2v_files_are_detected_from_their_header(tmp_path, variant):
     path = tmp_path / f"{variant}.safetensors"
     save_checkpoint(random_state_dict(cfg), str(path), "comfy")
     info = inspect_checkpoint(str(path))
-    assert info.config == cfg and info.config.variant == variant
+    assert info.config == cfg and conditioning_variant(info.config) == variant
     assert info.config.concat_channels == 20 and default_boundary(info.config) == 0.9
     assert default_boundary(WanConfig.tiny()) == 0.875
 

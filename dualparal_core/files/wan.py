@@ -329,7 +329,7 @@ def plan(header: Mapping[str, tuple[tuple[int, ...], str]], path: str) -> tuple[
     bad += [f"{k} (not expected)" for k in shapes if k not in want]
     if bad:
         raise file_error(path, f"has tensors that are missing or of the wrong shape for a {cfg.dim}-wide, "
-                               f"{cfg.num_layers}-layer Wan {cfg.variant} model: {bad[:4]}.")
+                               f"{cfg.num_layers}-layer Wan model with {cfg.in_channels} input channels: {bad[:4]}.")
     big = header[plan["blocks.0.ffn.net.0.proj.weight"].key][1]
     has_marker = any(k.split(".")[-1] == "scaled_fp8" for k in header)
     is_fp8 = any(header[s.key][1].startswith("F8") for s in plan.values())

@@ -177,7 +177,9 @@ def check_model(path: str, world: int) -> tuple[str, WanConfig]:
     except ValueError as e:
         raise ValueError(f"--model={path!r}: {e}") from None
     if config.concat_channels:
-        raise FlagError("--model", path, f"is an image-to-video model ({config.variant}); the command line has no "
+        from dualparal_core.experts import variant
+
+        raise FlagError("--model", path, f"is an image-to-video model ({variant(config)}); the command line has no "
                                          f"image input: run it in ComfyUI with WanImageToVideo, or pick a T2V model.")
     try:
         split_layers(config.num_layers, world)
