@@ -30,7 +30,7 @@ ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "sdpa", "fa3", "fa3_fp8", "sdpa_f
 
 @dataclass(frozen=True)
 class WanConfig:
-    """Shape of a Wan2.1/2.2 text-to-video transformer, inferred from a checkpoint's tensors."""
+    """Shape of a Wan2.1/2.2 T2V or I2V (in_channels 36, image_dim) transformer, inferred from a checkpoint."""
 
     dim: int = 1536
     """Model width (1.3B: 1536, 14B: 5120; any multiple of 128 for test models)."""
@@ -56,8 +56,13 @@ class WanConfig:
     """Whether cross-attention has a learned norm before it (always true for Wan T2V)."""
     rope_max_seq_len: int = 1024
     """Length of the precomputed RoPE tables."""
+    image_dim: int | None = None
+    """CLIP-vision width of ``img_emb`` (1280) with the k_img/v_img cross-attention (Wan2.1 I2V/FLF2V); or None."""
+    image_pos_len: int | None = None  # FLF2V's ``img_emb.emb_pos`` tokens (514 = 2 x 257), or None
 
     def __post_init__(self) -> None:
+        if self.concat_channels not in (0, 20) or (self.image_dim is None and self.image_pos_len is not None):
+            raise ValueError(f"{self}: Wan I2V takes 20 channels more in than out; emb_pos needs image_dim.")
         if self.dim <= 0 or self.dim % 128:
             raise ValueError(f"Model width dim={self.dim} is not a positive multiple of 128 (Wan's head dim).")
         if self.num_heads * 128 != self.dim:
@@ -69,23 +74,19 @@ class WanConfig:
     def head_dim(self) -> int:
         return self.dim // self.num_heads
 
+    @property
+    def concat_channels(self) -> int:
+        """Channels of ComfyUI's image conditioning appended to the noisy latent (0: text-to-video)."""
+        return self.in_channels - self.out_channels
+
     def diffusers_kwargs(self) -> dict:
         """Keyword arguments for diffusers' ``WanTransformer3DModel`` with this shape."""
-        return dict(
-            patch_size=tuple(self.patch_size),
-            num_attention_heads=self.num_heads,
-            attention_head_dim=self.head_dim,
-            in_channels=self.in_channels,
-            out_channels=self.out_channels,
-            text_dim=self.text_dim,
-            freq_dim=self.freq_dim,
-            ffn_dim=self.ffn_dim,
-            num_layers=self.num_layers,
-            cross_attn_norm=self.cross_attn_norm,
-            qk_norm="rms_norm_across_heads",
-            eps=self.eps,
-            rope_max_seq_len=self.rope_max_seq_len,
-        )
+        same = ("in_channels", "out_channels", "text_dim", "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm",
+                "eps", "rope_max_seq_len", "image_dim")
+        return dict(patch_size=tuple(self.patch_size), num_attention_heads=self.num_heads,
+                    attention_head_dim=self.head_dim, qk_norm="rms_norm_across_heads",
+                    added_kv_proj_dim=self.dim if self.image_dim is not None else None,
+                    pos_embed_seq_len=self.image_pos_len, **{k: getattr(self, k) for k in same})
 
     @classmethod
     def tiny(cls, dim: int = 128, num_layers: int = 3, ffn_dim: int = 256, text_dim: int = 64) -> WanConfig:
@@ -313,7 +314,7 @@ class ModelSource:
     """With ``random_config``: also build a random low-noise expert from this seed (tests, benchmarks)."""
     boundary: float = 0.875
     """Two experts: a block-step uses the high-noise expert while its sigma >= boundary, the low-noise one after
-    (Wan2.2 A14B T2V: 0.875). Ignored with one expert."""
+    (Wan2.2 A14B T2V: 0.875, I2V: 0.900, as wan/configs/wan_{t2v,i2v}_A14B.py ship them). Ignored with one."""
     loras: tuple[tuple[str, float, str], ...] = field(default_factory=tuple)
     """(file, strength, expert) LoRAs merged into each rank's slice; expert "both", "high" or "low"."""
 

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 
 from .comm import HEADER_STOP, Pipe
+from .conditioning import JobImage
 from .experts import Experts, as_experts
 from .model import WanStage
 from .noise import initial_noise
@@ -80,6 +81,7 @@ class RankEngine:
         self.schedule = Schedule(self.layout, sc.steps, self.expert)  # each item's expert, right and keep frames
         self.cfg = [sc.guidance(e) for e in range(len(self.model))]
         self.batch = [2 if c != 1.0 else 1 for c in self.cfg]
+        self.image = JobImage(job.image, self.model.config, self.rank)  # I2V: concat windows (rank 0 only)
         for e in sorted(set(self.expert)):
             if self.batch[e] == 2 and job.uncond is None:
                 raise ValueError(f"cfg{'_low' if e else ''}={self.cfg[e]} needs a negative conditioning; connect "
@@ -148,7 +150,7 @@ class RankEngine:
         engine: the first job pays about one block-step of this rank's layers per window shape, later jobs nothing.
         """
         dev, dim, dtype = self.model.device, self.model.config.dim, self.model.dtype
-        C, H, W = self.job.shape[1], self.job.shape[3], self.job.shape[4]
+        C, H, W = self.model.config.in_channels, self.job.shape[3], self.job.shape[4]
         ran = False
         for it in self.schedule.items:
             lsig, hsig = self._signatures(it)
@@ -261,7 +263,7 @@ class RankEngine:
                 out = self._lead(job, progress, cancelled or (lambda: False))
         finally:
             self._right = None
-            self.text = None
+            self.text = self.image = None
             if self.pipe is not None:
                 self.pipe.flush()
         self._profile_end()
@@ -282,6 +284,7 @@ class RankEngine:
             x0 = latent[b:b + 1].float()
             x = sigma0 * noise[b:b + 1].float() + (1.0 - sigma0) * x0 if sc.add_noise else x0.clone()
             x = x.to(self.model.device)
+            self.image.video = b
             for info in self._sample_video(x, cancelled):
                 done += 1
                 if progress is not None:
@@ -333,7 +336,7 @@ class RankEngine:
     def _issue(self, item: Item, x: torch.Tensor):
         s0, e0 = self.layout.input_span(item.block)
         e = item.expert
-        h = self.model.stages[e].embed(x[:, :, s0:e0])
+        h = self.model.stages[e].embed(self.image.window(x, s0, e0))
         if self.batch[e] == 2:
             h = h.expand(2, -1, -1).contiguous()
         if self.world == 1:

@@ -10,10 +10,26 @@ job's sigma table, with no extra communication.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from .model import WanStage
+if TYPE_CHECKING:  # the Loader reads default_boundary at ComfyUI start-up: no model code (nor diffusers) then
+    from .model import WanStage
 
 HIGH, LOW = 0, 1
+#: The boundary sigma Wan2.2 ships for its A14B pairs: T2V 0.875, I2V 0.900 (``boundary`` in
+#: wan/configs/wan_t2v_A14B.py and wan/configs/wan_i2v_A14B.py of github.com/Wan-Video/Wan2.2, read at 42bf4cf).
+BOUNDARY_T2V, BOUNDARY_I2V = 0.875, 0.900
+
+
+def variant(config) -> str:
+    """"t2v", "i2v" (Wan2.1 I2V), "flf2v" (img_emb.emb_pos) or "i2v_concat" (no img_emb: Wan2.2 I2V A14B)."""
+    image = "i2v_concat" if config.image_dim is None else "i2v" if config.image_pos_len is None else "flf2v"
+    return image if config.concat_channels else "t2v"
+
+
+def default_boundary(config) -> float:
+    """The boundary for a pair of this shape: I2V files (36 input channels) take Wan2.2 I2V's, others T2V's."""
+    return BOUNDARY_I2V if config.concat_channels else BOUNDARY_T2V
 
 
 class Experts:

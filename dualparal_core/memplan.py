@@ -83,7 +83,8 @@ def plan_rank(config: WanConfig, layers: range, *, embed: bool, head: bool, dtyp
     es, d, n = DTYPE_BYTES[dtype], config.dim, len(layers)
     b = max(batches)
     w = experts * weight_bytes(config, layers, embed=embed, head=head, dtype=dtype, fp8=fp8)
-    text = sum(2 * bb * TEXT_TOKENS * d * es * n for bb in batches)
+    tokens = TEXT_TOKENS + ((config.image_pos_len or 257) if config.image_dim is not None else 0)  # + CLIP-vision
+    text = sum(2 * bb * tokens * d * es * n for bb in batches)
     cache = frames_k * tpf * d * 2 * b * n * es
     unit = b * (frames_p + frames_k) * tpf * d  # elements of one window's hidden states
     act = unit * (ACT_BASE + ACT_PER_BYTE * es)

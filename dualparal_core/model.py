@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attention, cross_backend
+from .conditioning import cross_attend, image_kv
 from .config import ATTENTION_BACKENDS, WanConfig
 from .files import keeps_fp32
 
@@ -128,9 +129,11 @@ def _deterministic_compiled(fn):
 @dataclass
 class TextKV:
     """Cross-attention keys/values of one prompt (or blend), per layer: {layer: (k, v)} each [b, H, L_text, d], or
-    {layer: ((k, v), (k, v))}, one pair per batch half, when cond and uncond differ in length."""
+    {layer: ((k, v), (k, v))}, one pair per batch half, when cond and uncond differ in length. ``img``: the same
+    over the image tokens for a model with the image cross-attention (Wan2.1 I2V/FLF2V), else None."""
 
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    img: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class WanStage(nn.Module):
@@ -158,10 +161,12 @@ class WanStage(nn.Module):
         c = config
         with torch.device("meta"):
             self.condition_embedder = WanTimeTextImageEmbedding(
-                dim=c.dim, time_freq_dim=c.freq_dim, time_proj_dim=c.dim * 6, text_embed_dim=c.text_dim)
+                dim=c.dim, time_freq_dim=c.freq_dim, time_proj_dim=c.dim * 6, text_embed_dim=c.text_dim,
+                image_embed_dim=c.image_dim, pos_embed_seq_len=c.image_pos_len)
+            added_kv = c.dim if c.image_dim is not None else None  # I2V: k_img/v_img (add_k_proj/add_v_proj)
             self.blocks = nn.ModuleDict({
                 str(i): WanTransformerBlock(c.dim, c.ffn_dim, c.num_heads, "rms_norm_across_heads",
-                                            c.cross_attn_norm, c.eps) for i in layers})
+                                            c.cross_attn_norm, c.eps, added_kv) for i in layers})
             if embed:
                 self.patch_embedding = nn.Conv3d(c.in_channels, c.dim, kernel_size=c.patch_size,
                                                  stride=c.patch_size)
@@ -244,8 +249,9 @@ class WanStage(nn.Module):
         return tproj.float(), temb
 
     @torch.no_grad()
-    def prepare_text(self, context: torch.Tensor) -> TextKV:
-        """context [b, L, text_dim] -> per-layer cross-attention K/V, computed once per job."""
+    def prepare_text(self, context: torch.Tensor, clip: torch.Tensor | None = None) -> TextKV:
+        """context [b, L, text_dim] -> per-layer cross-attention K/V, computed once per job; a model with
+        ``img_emb`` also gets image K/V from the CLIP-vision tokens ``clip`` (:func:`conditioning.image_kv`)."""
         emb = self.condition_embedder.text_embedder(context.to(self.device, self.dtype))
         kv = {}
         for i in self.layers:
@@ -253,7 +259,7 @@ class WanStage(nn.Module):
             k = a.norm_k(a.to_k(emb)).unflatten(2, (a.heads, -1)).transpose(1, 2)
             v = a.to_v(emb).unflatten(2, (a.heads, -1)).transpose(1, 2)
             kv[i] = (k.contiguous(), v.contiguous())
-        return TextKV(kv)
+        return TextKV(kv, image_kv(self, emb, clip))
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -285,7 +291,8 @@ class WanStage(nn.Module):
         cache = {} if keep is not None else None
         for i in self.layers:
             r = None if right is None else right.pop(i)
-            h, kv = self._layer(self.blocks[str(i)], h, tproj, text.kv[i], cos, sin, L, r, keep)
+            img = None if text.img is None else text.img[i]
+            h, kv = self._layer(self.blocks[str(i)], h, tproj, (text.kv[i], img), cos, sin, L, r, keep)
             if cache is not None:
                 cache[i] = kv
         return h, cache
@@ -319,11 +326,10 @@ class WanStage(nn.Module):
         x = h if isinstance(n2, nn.Identity) else ew["affine_norm"](h, n2.weight, n2.bias, n2.eps)
         c = blk.attn2
         q = ew["rms_heads"](c.to_q(x), c.norm_q.weight, c.norm_q.eps, c.heads)
-        if isinstance(text_kv[0], torch.Tensor):
-            o = attention(q, text_kv[0], text_kv[1], cross_backend(self.attention_backend))
-        else:  # cond and uncond of different lengths: one (k, v) per batch half (timeline.TextBank)
-            be = cross_backend(self.attention_backend)
-            o = torch.cat([attention(q[i:i + 1], k, v, be) for i, (k, v) in enumerate(text_kv)])
+        (tk, img_kv), be = text_kv, cross_backend(self.attention_backend)
+        o = cross_attend(q, tk, be)
+        if img_kv is not None:  # I2V: text and image attention summed before the output projection
+            o = o + cross_attend(q, img_kv, be)
         h, x = ew["add_modulate"](h, c.to_out[0](o.transpose(1, 2).flatten(2)), c_shift, c_scale, eps)
         h = ew["gated_residual"](h, feed_forward(blk.ffn, x, self.ffn_epilogue), c_gate)
         return h, saved

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .conditioning import ImageConditioning
 from .config import MAX_CONTEXT_TOKENS, SamplingConfig, WanConfig
 
 if TYPE_CHECKING:
@@ -145,15 +146,17 @@ class Job:
     timeline: Timeline | None = None
     """A prompt per stretch of the video (:mod:`~dualparal_core.timeline`); None: ``cond`` (and ``uncond``) for
     every block. With a timeline, ``cond``/``uncond`` are its first prompts."""
+    image: ImageConditioning | None = None
+    """Image-to-video conditioning (concat latent, CLIP-vision tokens), shared by cond and uncond; None: none."""
 
     def validate(self, config: WanConfig) -> None:
         """Raise ValueError naming the input, the value and what would work, before any GPU work."""
         if len(self.shape) != 5:
             raise ValueError(f"latent_image has shape {tuple(self.shape)}; a Wan video latent is 5-D "
-                             f"[batch, {config.in_channels}, frames, height/8, width/8].")
+                             f"[batch, {config.out_channels}, frames, height/8, width/8].")
         b, c, t, h, w = self.shape
-        if c != config.in_channels:
-            raise ValueError(f"latent_image has {c} channels but the model takes {config.in_channels} "
+        if c != config.out_channels:
+            raise ValueError(f"latent_image has {c} channels but the model takes {config.out_channels} "
                              f"(Wan2.1 VAE latents have 16; TI2V-5B's 48-channel latents are not supported).")
         pt, ph, pw = config.patch_size
         if h % ph or w % pw or t % pt:
@@ -177,6 +180,8 @@ class Job:
         if self.timeline is not None:
             self.timeline.validate(config, self.sampling.layout(t))
         self._check_memory()
+        if self.image is not None:
+            self.image.validate(config, self.shape)
         for name, tens in (("latent_image", self.latent), ("noise", self.noise)):
             if tens is None:
                 continue
@@ -197,7 +202,8 @@ class Job:
         """Rank 0 holds the whole video in float32 a few times (latents, noise, result, transfer): refuse what this
         host's free RAM cannot hold before anything allocates it (a clear sentence, not an allocator error)."""
         latent = math.prod(self.shape) * 4
-        need = RANK0_LATENT_COPIES * latent
+        concat = self.image.concat.numel() * 4 if self.image is not None and self.image.concat is not None else 0
+        need = RANK0_LATENT_COPIES * latent + concat  # + the I2V concat latent (20 channels), held once
         try:
             import psutil
 

@@ -88,6 +88,21 @@ def write_tiny(folder: Path, fp8: bool, seed: int = 0) -> tuple[Path, bytes]:
     return path, spiece
 
 
+def tiny_config(variant: str = "t2v", **kw):
+    """``WanConfig.tiny(**kw)`` of one model variant (``experts.variant``): "t2v", "i2v" (Wan2.1 I2V: 36 input
+    channels, img_emb and k_img/v_img), "flf2v" (+ emb_pos of 514 tokens) or "i2v_concat" (Wan2.2 I2V A14B: the 36
+    channels only). The image models keep CLIP-vision's real width 1280."""
+    from dataclasses import replace
+
+    from .config import WanConfig
+
+    image = {"t2v": {}, "i2v_concat": {"in_channels": 36}, "i2v": {"in_channels": 36, "image_dim": 1280},
+             "flf2v": {"in_channels": 36, "image_dim": 1280, "image_pos_len": 514}}
+    if variant not in image:
+        raise ValueError(f"variant={variant!r} is not one of {list(image)}.")
+    return replace(WanConfig.tiny(**kw), **image[variant])
+
+
 def write_tiny_files(folder: str | Path, seed: int = 0) -> dict[str, Path]:
     """A tiny Wan model (ComfyUI layout, fp16), a scaled-fp8 umt5 and a small Wan VAE in ``folder``."""
     from safetensors.torch import save_file

@@ -188,6 +188,7 @@ class TextBank:
         if tl.negative is None and self.negative is not None:
             plan = [(p, ((0, 1.0),)) for p, _ in plan]
         self.plan = plan
+        self.clip = None if job.image is None else job.image.clip  # I2V: CLIP-vision tokens for the image K/V
         self.counts = Counter(self.key(it) for it in schedule.items)
         self.left = dict(self.counts)
         self.live: dict[tuple, object] = {}
@@ -203,14 +204,20 @@ class TextBank:
         e, pos, neg = key
         stage = self.model.stages[e]
         c = self.positive.mix(pos)
+
+        def text(ctx):  # I2V: the CLIP-vision tokens go with every prompt (image K/V, conditioning.image_kv)
+            return stage.prepare_text(ctx) if self.clip is None else stage.prepare_text(
+                ctx, self.clip.expand(ctx.shape[0], -1, -1))
+
         if neg is None:
-            return stage.prepare_text(c)
+            return text(c)
         u = self.negative.mix(neg)
         if c.shape[1] == u.shape[1]:
-            return stage.prepare_text(torch.cat([c, u], dim=0))
+            return text(torch.cat([c, u], dim=0))
         # each half keeps its own length: the layer runs cross-attention per batch half (model.WanStage._layer)
-        a, b = stage.prepare_text(c), stage.prepare_text(u)
-        return type(a)({i: (a.kv[i], b.kv[i]) for i in a.kv})
+        a, b = text(c), text(u)
+        return type(a)({i: (a.kv[i], b.kv[i]) for i in a.kv},
+                       None if a.img is None else {i: (a.img[i], b.img[i]) for i in a.img})
 
     def take(self, item):
         """The K/V the item's layers read (built if this is the first item of the video needing them)."""

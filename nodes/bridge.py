@@ -98,6 +98,13 @@ def latent_format():
     return comfy.latent_formats.Wan21()
 
 
+def concat_resizers():
+    """ComfyUI's resize helpers as ``WAN21.concat_cond`` calls them: (upscale(x, width, height) bilinear with a
+    center crop, resize_to_batch_size)."""
+    return (lambda x, w, h: comfy.utils.common_upscale(x, w, h, "bilinear", "center"),
+            comfy.utils.resize_to_batch_size)
+
+
 def compute_sigmas(steps: int, sampler_name: str, scheduler: str, shift: float, denoise: float) -> torch.Tensor:
     """The sigma table KSampler would use for a Wan model with this shift: ComfyUI's own scheduler code, its
     discard-penultimate rule (uni_pc, ...) and its denoise < 1 truncation (``KSampler.set_steps``)."""

@@ -1,4 +1,4 @@
-"""DualParal Loader: a Wan T2V diffusion model file + devices -> a DUALPARAL_MODEL handle on a live worker group."""
+"""DualParal Loader: a Wan T2V/I2V diffusion model file + devices -> a DUALPARAL_MODEL handle on a live worker group."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from dualparal_core.config import (
     PoolSpec,
     split_layers,
 )
+from dualparal_core.experts import default_boundary
 from dualparal_core.files import check_lora, check_source, inspect_checkpoint
 
 from . import bridge
@@ -26,14 +27,15 @@ class DualParalLoader(io.ComfyNode):
             node_id=LOADER_NODE,  # "DualParalLoader": shared workflows name it
             display_name="DualParal Loader",
             category="DualParal",
-            description="Loads a Wan2.1/2.2 text-to-video diffusion model split layer-wise over several GPUs (one "
+            description="Loads a Wan2.1/2.2 text- or image-to-video diffusion model split layer-wise over several GPUs (one "
                         "worker process per GPU) for the DualParal Sampler. The workers stay loaded between "
                         "prompts while keep_alive is on; 'Unload models' stops them.",
             inputs=[
                 io.Combo.Input("unet_name", options=bridge.diffusion_model_names(),
-                               tooltip="Wan T2V diffusion model from models/diffusion_models (e.g. "
-                                       "wan2.1_t2v_1.3B_fp16.safetensors; fp16/bf16/fp32 or fp8 scaled). I2V, "
-                                       "VACE, TI2V-5B and GGUF files are refused."),
+                               tooltip="Wan T2V or I2V diffusion model from models/diffusion_models (e.g. "
+                                       "wan2.1_t2v_1.3B_fp16.safetensors, wan2.1_i2v_480p_14B_fp8_scaled"
+                                       ".safetensors; fp16/bf16/fp32 or fp8 scaled). VACE, camera, TI2V-5B and "
+                                       "GGUF files are refused."),
                 io.String.Input("devices", default="auto",
                                 tooltip="Where the ranks run: 'auto' (every GPU ComfyUI sees, or cpu:2 without "
                                         "GPUs), a GPU list like '0,1,3', 'cpu:N' (N CPU ranks, for testing), or "
@@ -57,9 +59,10 @@ class DualParalLoader(io.ComfyNode):
                                tooltip="Wan2.2 A14B: the low-noise expert (e.g. wan2.2_t2v_low_noise_14B_fp8_scaled"
                                        ".safetensors); unet_name is then the high-noise one. Every GPU holds its "
                                        "layers of both. 'none': one model."),
-                io.Float.Input("boundary", default=0.875, min=0.0, max=1.0, step=0.005, round=0.001, optional=True,
+                io.Float.Input("boundary", default=-1.0, min=-1.0, max=1.0, step=0.005, round=0.001, optional=True,
                                tooltip="With a low-noise expert: a block-step uses the high-noise expert while its "
-                                       "sigma >= boundary, the low-noise one after (Wan2.2 T2V: 0.875)."),
+                                       "sigma >= boundary, the low-noise one after. -1: the model's own, as Wan2.2 "
+                                       "ships it (T2V A14B 0.875, I2V A14B 0.900, detected from the file)."),
                 io.Combo.Input("weights", options=list(WEIGHT_MODES), default="dequant", optional=True,
                                tooltip="dequant: weights held in dtype (fp8 files dequantised at load). fp8: the "
                                        "transformer blocks' weights stay fp8 on the GPUs and are dequantised layer "
@@ -71,7 +74,7 @@ class DualParalLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, unet_name: str, devices: str, dtype: str, attention: str, keep_alive: bool,
-                loras=None, low_noise_unet_name: str = "none", boundary: float = 0.875,
+                loras=None, low_noise_unet_name: str = "none", boundary: float = -1.0,
                 weights: str = "dequant") -> io.NodeOutput:
         path = bridge.full_path("diffusion_models", unet_name)
         try:
@@ -87,6 +90,7 @@ class DualParalLoader(io.ComfyNode):
         except ValueError as e:
             raise ValueError(f"devices={devices!r}: {e}") from e
         low = _low_noise(path, low_noise_unet_name)
+        boundary = float(boundary) if boundary is not None and boundary >= 0 else default_boundary(info.config)
         lora_entries, lora_keys = [], []
         for name, strength, *expert in loras or ():
             lpath = bridge.full_path("loras", name)
@@ -98,7 +102,7 @@ class DualParalLoader(io.ComfyNode):
                                  f"expert to 'both'.")
             lora_entries.append((lpath, float(strength), expert))
             lora_keys.append((file_key(lpath), float(strength), expert))
-        src = ModelSource(path=path, low_noise_path=low, boundary=float(boundary) if low else 0.875,
+        src = ModelSource(path=path, low_noise_path=low, boundary=boundary if low else 0.875,
                           loras=tuple(lora_entries))
         spec = PoolSpec(source=src, devices=devs, dtype=dtype, attention=attention, weights=weights)
         key = (file_key(path), devs, dtype, attention, tuple(lora_keys), weights)

@@ -9,6 +9,7 @@ from dualparal_core.protocol import Job
 
 from . import bridge
 from .bridge import ModelSocket, io
+from .image import image_conditioning
 from .prompts import conditionings
 from .timeline import TRANSITION_INPUT, job_status
 from .types import (
@@ -42,7 +43,7 @@ class DualParalSampler(io.ComfyNode):
                         "(num_per_block >= latent frames), num_cat 0 and independent noise it matches KSampler.",
             inputs=[
                 ModelSocket.Input("model", tooltip="The worker group from a DualParal Loader."),
-                io.Conditioning.Input("positive", tooltip="Prompt from CLIP Text Encode (umt5-xxl, type wan)."),
+                io.Conditioning.Input("positive", tooltip="CLIP Text Encode (umt5-xxl), or WanImageToVideo for I2V."),
                 io.Conditioning.Input("negative", tooltip="Negative prompt (unused when cfg is 1.0)."),
                 io.Latent.Input("latent_image",
                                 tooltip="Video latent, e.g. Empty Hunyuan Latent Video (frames = (length-1)/4+1). "
@@ -108,12 +109,14 @@ class DualParalSampler(io.ComfyNode):
                             seed=int(seed), noise_mode=noise_mode, num_per_block=int(num_per_block),
                             num_cat=int(num_cat), cfg_low=low)
         fmt = bridge.latent_format()
+        image = image_conditioning(positive, negative if guided else None, cfgm, tuple(samples.shape),
+                                   fmt.process_in, *bridge.concat_resizers())
         noise = None
         if noise_mode == "independent" and latent_image.get("batch_index") is not None:
             noise = bridge.prepare_noise(samples, seed, latent_image["batch_index"])
         job = Job(sampling=sc, shape=tuple(samples.shape), cond=cond, uncond=uncond,
                   latent=to_model_space(samples, fmt), noise=noise, preview=bridge.previews_enabled(),
-                  timeline=timeline)
+                  timeline=timeline, image=image)
         job.validate(cfgm)  # every remaining check, before any GPU work
         node_id = cls.hidden.unique_id if cls.hidden else None
         pool = bridge.acquire(model)

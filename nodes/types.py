@@ -62,14 +62,12 @@ def missing_gpus(devices: tuple[str, ...], gpu_count: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- CONDITIONING
+#: Image-to-video keys, read by nodes/image.py (WanImageToVideo, WanFirstLastFrameToVideo, CLIP Vision Encode).
+_IMAGE = ("concat_latent_image", "concat_mask", "clip_vision_output")
 #: Keys whose value (or None) changes nothing, so they may be present.
 _NEUTRAL = {"pooled_output": None, "start_percent": 0.0, "end_percent": 1.0, "strength": 1.0}
 #: Keys the engine cannot honour, with what made them and what to do instead.
 _REFUSED = {
-    "concat_latent_image": "image-to-video conditioning (WanImageToVideo/WanFirstLastFrameToVideo); DualParal "
-                           "runs text-to-video models only",
-    "concat_mask": "image-to-video conditioning (a concat mask); DualParal runs text-to-video models only",
-    "clip_vision_output": "CLIP-vision image conditioning (I2V); DualParal runs text-to-video models only",
     "reference_latents": "reference latents (ReferenceLatent / Wan Fun); not supported",
     "vace_frames": "VACE control video (WanVaceToVideo); VACE models are not supported",
     "camera_conditions": "camera control (WanCameraImageToVideo); not supported",
@@ -99,7 +97,7 @@ def extract_conditioning(cond, name: str, text_dim: int) -> torch.Tensor:
         raise ValueError(f"{name} is not a CONDITIONING entry [tensor, dict]; connect a CLIP Text Encode.")
     tensor, extras = entry[0], entry[1] or {}
     for key, value in extras.items():
-        if value is None or (key in _NEUTRAL and value == _NEUTRAL[key]):
+        if value is None or key in _IMAGE or (key in _NEUTRAL and value == _NEUTRAL[key]):
             continue
         if key in ("start_percent", "end_percent"):
             raise ValueError(f"{name} has a timestep range ({key}={value}, from ConditioningSetTimestepRange); "
@@ -132,11 +130,11 @@ def check_latent_shape(samples: torch.Tensor, config: WanConfig) -> None:
     """Shape checks against the model, before any GPU work."""
     if samples.ndim != 5:
         raise ValueError(f"latent_image has shape {list(samples.shape)}; a Wan video latent is 5-D "
-                         f"[batch, {config.in_channels}, frames, height/8, width/8] (Empty Hunyuan Latent Video).")
+                         f"[batch, {config.out_channels}, frames, height/8, width/8] (Empty Hunyuan Latent Video).")
     b, c, t, h, w = samples.shape
-    if c != config.in_channels:
+    if c != config.out_channels:
         hint = (" (a Wan2.2 TI2V-5B / Wan2.2-VAE latent)" if c == 48 else "")
-        raise ValueError(f"latent_image has {c} channels{hint} but the model takes {config.in_channels}: use the "
+        raise ValueError(f"latent_image has {c} channels{hint} but the model takes {config.out_channels}: use the "
                          f"Wan2.1 VAE's latent (Empty Hunyuan Latent Video gives 16 channels).")
     ph, pw = config.patch_size[1:]
     if h % ph or w % pw:

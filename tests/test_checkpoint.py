@@ -28,6 +28,7 @@ from dualparal_core.checkpoint import (
     save_checkpoint,
 )
 from dualparal_core.config import WanConfig
+from dualparal_core.experts import variant
 
 LOSSLESS = {"diffusers": ("diffusers", ""), "original": ("original", ""),
             "comfy": ("original", "model.diffusion_model."), "comfy_bare": ("original", "diffusion_model.")}
@@ -225,9 +226,12 @@ def test_real_size_variants_are_refused():
     ti2v = WanConfig(dim=3072, ffn_dim=14336, num_layers=30, num_heads=24, in_channels=48, out_channels=48)
     with pytest.raises(ValueError, match=r"wan2\.2_ti2v_5B.*TI2V-5B"):
         info_from_header(_meta_header(ti2v), "wan2.2_ti2v_5B_fp16.safetensors")
-    i2v = replace(WanConfig.tiny(num_layers=1), in_channels=36)
-    with pytest.raises(ValueError, match=r"i2v\.safetensors.*36 input latent channels.*image-to-video"):
-        info_from_header(_meta_header(i2v), "i2v.safetensors")
+    odd = _meta_header(WanConfig.tiny(num_layers=1))
+    odd["model.diffusion_model.patch_embedding.weight"] = ((128, 32, 1, 2, 2), "BF16")
+    with pytest.raises(ValueError, match=r"odd\.safetensors.*32 input / 16 output latent channels.*I2V 36"):
+        info_from_header(odd, "odd.safetensors")
+    i2v = replace(WanConfig.tiny(num_layers=1), in_channels=36)  # Wan2.2 I2V A14B's layout: loads as I2V
+    assert variant(info_from_header(_meta_header(i2v), "i2v.safetensors").config) == "i2v_concat"
 
 
 # ------------------------------------------------------------------------------------------------ slicing
@@ -334,7 +338,7 @@ def test_bad_files_are_refused_with_a_sentence(tmp_path, files):
     ({"img_emb.proj.0.weight": (4,)}, "image-to-video"),
     ({"blocks.0.cross_attn.k_img.weight": (128, 128)}, "image-to-video"),
     ({"vace_patch_embedding.weight": (128, 96, 1, 2, 2)}, "VACE"),
-    ({"blocks.0.something_new.weight": (4,)}, "not part of a Wan T2V transformer"),
+    ({"blocks.0.something_new.weight": (4,)}, "not part of a Wan T2V/I2V transformer"),
 ])
 def test_other_wan_variants_are_refused(tmp_path, files, extra, needle):
     tensors = load_file(files["comfy"])

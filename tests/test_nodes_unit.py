@@ -194,8 +194,6 @@ def test_conditioning_is_the_first_tensor_copied():
     (_cond(n=2), "holds 2 conditionings"),
     (_cond(area=(8, 8, 0, 0)), "'area'"),
     (_cond(mask=torch.ones(1, 4, 4)), "'mask'"),
-    (_cond(concat_latent_image=torch.zeros(1)), "image-to-video"),
-    (_cond(clip_vision_output=object()), "CLIP-vision"),
     (_cond(hooks=object()), "hooks"),
     (_cond(control=object()), "ControlNet"),
     (_cond(start_percent=0.2), "timestep range"),

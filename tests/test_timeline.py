@@ -252,8 +252,8 @@ def test_untagged_prompts_give_exactly_todays_job_and_mixed_tags_are_refused():
     assert tl.negative.starts == (0, 20) and tl.positive.starts == (0,) and torch.equal(uncond, tl.negative.texts[0])
     _, uncond, tl = P.conditionings(pos, P.tag(neg, 0, "n1"), False, 4096, 0)  # cfg 1: the negative is unused
     assert tl is None and uncond is None
-    with pytest.raises(ValueError, match=r"positive \(storm\) carries 'concat_latent_image'"):
-        P.conditionings(P.tag(_entry(5, concat_latent_image=torch.zeros(1)), 0, "storm"), neg, True, 4096, 0)
+    with pytest.raises(ValueError, match=r"positive \(storm\) carries 'vace_frames'"):  # (I2V keys pass: issue 17)
+        P.conditionings(P.tag(_entry(5, vace_frames=torch.zeros(1)), 0, "storm"), neg, True, 4096, 0)
 
 
 def test_status_line_names_the_newest_blocks_prompt_once_per_change():

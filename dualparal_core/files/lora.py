@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from dualparal_core import logger
 from dualparal_core.config import WanConfig
@@ -160,6 +160,21 @@ def inspect_lora(path: str) -> LoraInfo:
     return LoraInfo(path=path, targets=targets, ranks=tuple(ranks), unmatched=tuple(unmatched), layout=layout)
 
 
+_IMAGE_ONLY = ("condition_embedder.image_embedder.", ".attn2.add_k_proj", ".attn2.add_v_proj", ".attn2.norm_added_k")
+
+
+def _skip_image_parts(info: LoraInfo, want: dict) -> LoraInfo:
+    """An I2V LoRA on a model without the image parts (img_emb, k_img/v_img): those keys change nothing and are
+    ignored with the other unmatched keys, as ComfyUI's LoRA loader ignores keys its model lacks."""
+    gone = {m: t for m, t in info.targets.items() if any(p in m or m.startswith(p) for p in _IMAGE_ONLY)
+            and want.get(m + ".weight", want.get(m)) is None}
+    if not gone:
+        return info
+    keys = tuple(k for t in gone.values() for k in (t.down, t.up, t.alpha, t.diff, t.diff_b) if k)
+    return replace(info, targets={m: t for m, t in info.targets.items() if m not in gone},
+                   unmatched=info.unmatched + keys)
+
+
 def check_lora(path: str, config: WanConfig) -> LoraInfo:
     """Header-only pre-check against a model shape: every targeted layer exists and the shapes fit.
 
@@ -168,6 +183,7 @@ def check_lora(path: str, config: WanConfig) -> LoraInfo:
     info = inspect_lora(path)
     header = read_header(path)
     want = expected_shapes(config)
+    info = _skip_image_parts(info, want)
     for module, t in info.targets.items():
         wshape = want.get(module + ".weight", want.get(module))
         if wshape is None and (t.down or t.diff):

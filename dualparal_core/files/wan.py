@@ -44,6 +44,20 @@ _BLOCK_MODULES = (
     ("ffn.2", "ffn.net.2", _WB),
     ("modulation", "scale_shift_table", _P),
 )
+# Image-to-video extras (Wan2.1 I2V / FLF2V, Fun-InP): the CLIP-vision projection and each block's image K/V.
+# Optional in the tables: a file has all of them or none (expected_shapes checks against the inferred config).
+_I2V_TOP = (
+    ("img_emb.proj.0", "condition_embedder.image_embedder.norm1", _WB),
+    ("img_emb.proj.1", "condition_embedder.image_embedder.ff.net.0.proj", _WB),
+    ("img_emb.proj.3", "condition_embedder.image_embedder.ff.net.2", _WB),
+    ("img_emb.proj.4", "condition_embedder.image_embedder.norm2", _WB),
+    ("img_emb.emb_pos", "condition_embedder.image_embedder.pos_embed", _P),  # FLF2V only
+)
+_I2V_BLOCK = (
+    ("cross_attn.k_img", "attn2.add_k_proj", _WB),
+    ("cross_attn.v_img", "attn2.add_v_proj", _WB),
+    ("cross_attn.norm_k_img", "attn2.norm_added_k", _W),
+)
 
 
 def _names(modules: tuple) -> list[tuple[str, str, bool]]:
@@ -55,11 +69,11 @@ def _names(modules: tuple) -> list[tuple[str, str, bool]]:
     return out
 
 
-_TOP_O2D = {o: d for o, d, _ in _names(_TOP_MODULES)}
-_BLOCK_O2D = {o: d for o, d, _ in _names(_BLOCK_MODULES)}
+_TOP_O2D = {o: d for o, d, _ in _names(_TOP_MODULES + _I2V_TOP)}
+_BLOCK_O2D = {o: d for o, d, _ in _names(_BLOCK_MODULES + _I2V_BLOCK)}
 _TOP_D2O = {d: o for o, d in _TOP_O2D.items()}
 _BLOCK_D2O = {d: o for o, d in _BLOCK_O2D.items()}
-#: diffusers names every T2V file must have (top level, and per block without the ``blocks.N.`` prefix).
+#: diffusers names every file must have, T2V and I2V (top level, and per block without the ``blocks.N.`` prefix).
 REQUIRED_TOP = tuple(d for _, d, req in _names(_TOP_MODULES) if req)
 REQUIRED_BLOCK = tuple(d for _, d, req in _names(_BLOCK_MODULES) if req)
 
@@ -70,21 +84,18 @@ _DTYPES = {"F64": "fp64", "F32": "fp32", "F16": "fp16", "BF16": "bf16", "F8_E4M3
 # Keys of the model variants we refuse, and what to tell the user.
 _VARIANTS = (
     ("vace_", "a VACE model (vace_* keys)"),
-    ("img_emb.", "an image-to-video (I2V/FLF) model (img_emb keys)"),
-    (".k_img.", "an image-to-video (I2V/FLF) model (k_img keys)"),
-    ("image_embedder.", "an image-to-video (I2V/FLF) model (image_embedder keys)"),
-    (".add_k_proj.", "an image-to-video (I2V/FLF) model (add_k_proj keys)"),
-    ("control_adapter.", "a Wan Fun Camera model (control_adapter keys)"),
+    ("control_adapter.", "a Wan camera-control model (control_adapter keys)"),
     ("face_adapter.", "a Wan Animate model (face_adapter keys)"),
     ("motion_encoder.", "a Wan Animate model (motion_encoder keys)"),
     ("audio", "a speech-to-video (S2V) model (audio keys)"),
     ("ref_conv.", "a Wan Fun reference-image model (ref_conv keys)"),
 )
-_T2V_HINT = "DualParal supports Wan2.1 T2V (1.3B, 14B) and Wan2.2 T2V A14B (high/low noise) diffusion models."
+_T2V_HINT = ("DualParal supports Wan2.1 T2V (1.3B, 14B), Wan2.1 I2V 14B (480P/720P, Fun-InP) and FLF2V, and Wan2.2 "
+             "T2V/I2V A14B (high/low noise) diffusion models.")
 
 
 def diffusers_key(original: str) -> str | None:
-    """The diffusers name of an original-Wan key (prefix already stripped), or None if it is not a T2V weight."""
+    """The diffusers name of an original-Wan key (prefix already stripped), or None if it is not a Wan weight."""
     m = _BLOCK_RE.match(original)
     if m:
         d = _BLOCK_O2D.get(m.group(2))
@@ -93,7 +104,7 @@ def diffusers_key(original: str) -> str | None:
 
 
 def original_key(diffusers: str) -> str | None:
-    """The original-Wan name of a diffusers key, or None if it is not a T2V weight."""
+    """The original-Wan name of a diffusers key, or None if it is not a Wan weight."""
     m = _BLOCK_RE.match(diffusers)
     if m:
         o = _BLOCK_D2O.get(m.group(2))
@@ -200,22 +211,30 @@ def _config_from(shapes: Mapping[str, tuple[int, ...]], path: str) -> WanConfig:
     proj = shapes["proj_out.weight"][0]
     npatch = patch[0] * patch[1] * patch[2]
     out_ch = proj // npatch
-    for ch, what in ((in_ch, "input"), (out_ch, "output")):
-        if ch == 36:
-            raise file_error(path, f"has {ch} {what} latent channels: it is an image-to-video (I2V/FLF) model. "
-                                   f"{_T2V_HINT}")
-        if ch == 48:
-            kind = "the Wan2.2 TI2V-5B model" if dim == 3072 else "a Fun/control model"
-            raise file_error(path, f"has {ch} {what} latent channels (dim {dim}): it is {kind}. {_T2V_HINT}")
-        if ch != 16:
-            raise file_error(path, f"has {ch} {what} latent channels; Wan T2V uses 16. {_T2V_HINT}")
+    if out_ch == 48 or in_ch == 48:
+        kind = "the Wan2.2 TI2V-5B model (Wan2.2 VAE)" if dim == 3072 else "a Fun/control model"
+        raise file_error(path, f"has {in_ch} input / {out_ch} output latent channels (dim {dim}): it is {kind}, "
+                               f"which is not supported. {_T2V_HINT}")
+    if out_ch != 16 or in_ch not in (16, 36):
+        raise file_error(path, f"has {in_ch} input / {out_ch} output latent channels; Wan T2V takes 16 in and I2V "
+                               f"36 (16 + ComfyUI's 4 mask + 16 image channels), both 16 out. {_T2V_HINT}")
+    has_img = "condition_embedder.image_embedder.norm1.weight" in shapes
+    has_kv = "blocks.0.attn2.add_k_proj.weight" in shapes
+    if has_img != has_kv or (has_img and in_ch != 36):
+        raise file_error(path, f"has {'an' if has_img else 'no'} img_emb CLIP-vision projection, "
+                               f"{'' if has_kv else 'no '}k_img/v_img image cross-attention and {in_ch} input "
+                               f"channels: not a complete image-to-video layout (Wan2.1 I2V/FLF2V files have all "
+                               f"three, with 36 channels; Wan2.2 I2V A14B files the 36 channels only). {_T2V_HINT}")
+    pos = shapes.get("condition_embedder.image_embedder.pos_embed")
     if dim % 128:
         raise file_error(path, f"has model width {dim}, not a multiple of Wan's head dim 128; not a Wan T2V "
                                f"transformer.")
     return WanConfig(
         dim=dim, ffn_dim=shapes["blocks.0.ffn.net.0.proj.weight"][0], num_layers=num_layers, num_heads=dim // 128,
         in_channels=in_ch, out_channels=out_ch, text_dim=shapes["condition_embedder.text_embedder.linear_1.weight"][1],
-        freq_dim=shapes["condition_embedder.time_embedder.linear_1.weight"][1], patch_size=patch)
+        freq_dim=shapes["condition_embedder.time_embedder.linear_1.weight"][1], patch_size=patch,
+        image_dim=shapes["condition_embedder.image_embedder.norm1.weight"][0] if has_img else None,
+        image_pos_len=pos[1] if has_img and pos is not None and len(pos) == 3 else None)
 
 
 def expected_shapes(cfg: WanConfig) -> dict[str, tuple[int, ...]]:
@@ -235,6 +254,16 @@ def expected_shapes(cfg: WanConfig) -> dict[str, tuple[int, ...]]:
     for name, shape in lin.items():
         target = top if name.startswith("condition_embedder") else per_block
         target[f"{name}.weight"], target[f"{name}.bias"] = shape, (shape[0],)
+    if cfg.image_dim is not None:
+        e, img = cfg.image_dim, "condition_embedder.image_embedder."
+        top.update({f"{img}norm1.weight": (e,), f"{img}norm1.bias": (e,), f"{img}ff.net.0.proj.weight": (e, e),
+                    f"{img}ff.net.0.proj.bias": (e,), f"{img}ff.net.2.weight": (d, e), f"{img}ff.net.2.bias": (d,),
+                    f"{img}norm2.weight": (d,), f"{img}norm2.bias": (d,)})
+        if cfg.image_pos_len is not None:
+            top[f"{img}pos_embed"] = (1, cfg.image_pos_len, e)
+        per_block.update({f"attn2.{p}.{w}": (d, d) if w == "weight" else (d,)
+                          for p in ("add_k_proj", "add_v_proj") for w in ("weight", "bias")})
+        per_block["attn2.norm_added_k.weight"] = (d,)
     for i in range(cfg.num_layers):
         top.update({f"blocks.{i}.{k}": v for k, v in per_block.items()})
     return top
@@ -278,7 +307,7 @@ def _map_keys(header: Mapping[str, tuple[tuple[int, ...], str]], path: str) -> t
         scale = next((names[base + s] for s in ("scale_weight", "weight_scale") if base and base + s in names), None)
         plan[d] = Source(names[n], scale)
     if unknown:
-        raise file_error(path, f"has {len(unknown)} tensors that are not part of a Wan T2V transformer, e.g. "
+        raise file_error(path, f"has {len(unknown)} tensors that are not part of a Wan T2V/I2V transformer, e.g. "
                                f"{unknown[:5]}. {_T2V_HINT}")
     missing = [k for k in REQUIRED_TOP + tuple(f"blocks.0.{b}" for b in REQUIRED_BLOCK) if k not in plan]
     if missing:
@@ -300,7 +329,7 @@ def plan(header: Mapping[str, tuple[tuple[int, ...], str]], path: str) -> tuple[
     bad += [f"{k} (not expected)" for k in shapes if k not in want]
     if bad:
         raise file_error(path, f"has tensors that are missing or of the wrong shape for a {cfg.dim}-wide, "
-                               f"{cfg.num_layers}-layer Wan T2V model: {bad[:4]}.")
+                               f"{cfg.num_layers}-layer Wan model with {cfg.in_channels} input channels: {bad[:4]}.")
     big = header[plan["blocks.0.ffn.net.0.proj.weight"].key][1]
     has_marker = any(k.split(".")[-1] == "scaled_fp8" for k in header)
     is_fp8 = any(header[s.key][1].startswith("F8") for s in plan.values())

@@ -176,6 +176,11 @@ def check_model(path: str, world: int) -> tuple[str, WanConfig]:
         config = inspect_checkpoint(full).config
     except ValueError as e:
         raise ValueError(f"--model={path!r}: {e}") from None
+    if config.concat_channels:
+        from dualparal_core.experts import variant
+
+        raise FlagError("--model", path, f"is an image-to-video model ({variant(config)}); the command line has no "
+                                         f"image input: run it in ComfyUI with WanImageToVideo, or pick a T2V model.")
     try:
         split_layers(config.num_layers, world)
     except ValueError as e:

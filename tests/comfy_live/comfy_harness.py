@@ -40,7 +40,7 @@ MODEL_14B_FP8 = "wan2.1_t2v_14B_fp8_e4m3fn.safetensors"
 MODEL_HIGH = "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"  # Wan2.2 A14B experts (fp16 tiny weights here,
 MODEL_LOW = "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"    # so that ComfyUI's LoRA merge is exact too)
 LORA_LIGHT = "wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors"
-MODEL_I2V = "wan2.1_i2v_480p_14B_fp16.safetensors"
+MODEL_VACE = "wan2.1_vace_14B_fp16.safetensors"  # a variant the Loader refuses
 LORA = "wan2.1_t2v_14B_example_lora.safetensors"
 LORA_FOREIGN = "sdxl_style_lora.safetensors"
 VAE = "wan_2.1_vae.safetensors"
@@ -101,8 +101,8 @@ def build_assets(base: Path) -> Path:
     save_checkpoint(random_state_dict(cfg, seed=0), dm / MODEL_13B, "comfy", dtype=torch.float16)
     save_checkpoint(random_state_dict(cfg, seed=1), dm / MODEL_14B_FP8, "fp8")
     sd = load_file(dm / MODEL_13B)
-    sd["model.diffusion_model.img_emb.proj.0.bias"] = torch.zeros(1280, dtype=torch.float16)
-    save_file(sd, dm / MODEL_I2V)
+    sd["model.diffusion_model.vace_patch_embedding.weight"] = torch.zeros(128, 96, 1, 2, 2, dtype=torch.float16)
+    save_file(sd, dm / MODEL_VACE)
     save_file(_tiny_lora(cfg), lo / LORA)
     save_checkpoint(random_state_dict(cfg, seed=5), dm / MODEL_HIGH, "comfy", dtype=torch.float16)
     save_checkpoint(random_state_dict(cfg, seed=6), dm / MODEL_LOW, "comfy", dtype=torch.float16)

@@ -202,7 +202,7 @@ def test_interrupt_maps_to_comfy_exception(pack, wan_file, fake_registry):
 
 @pytest.mark.parametrize("case,needle", [
     ("mask", "noise_mask"), ("channels", "48 channels"), ("odd", "multiples of 16"),
-    ("width", "negative"), ("area", "area"), ("two", "2 conditionings"), ("i2v", "concat_latent_image"),
+    ("width", "negative"), ("area", "area"), ("two", "2 conditionings"),
     ("numcat", "num_cat"), ("sigmas", "sigmas"), ("range", "timestep range"),
 ])
 def test_validation_happens_before_any_worker_starts(pack, wan_file, monkeypatch, case, needle):
@@ -224,8 +224,6 @@ def test_validation_happens_before_any_worker_starts(pack, wan_file, monkeypatch
         kw["positive"] = _cond(1, area=(8, 8, 0, 0))
     elif case == "two":
         kw["positive"] = _cond(1) + _cond(2)
-    elif case == "i2v":
-        kw["positive"] = _cond(1, concat_latent_image=torch.zeros(1, 16, 1, 4, 4))
     elif case == "numcat":
         kw.update(num_per_block=2, num_cat=3)
     elif case == "sigmas":

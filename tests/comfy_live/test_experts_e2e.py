@@ -75,7 +75,7 @@ def test_new_inputs_are_optional_widgets(server):
     assert info["DualParalLoader"]["input"]["optional"]["weights"][1]["options"] == ["dequant", "fp8"]
     low = info["DualParalLoader"]["input"]["optional"]["low_noise_unet_name"]
     assert low[1]["options"][0] == "none" and MODEL_LOW in low[1]["options"] and low[1]["default"] == "none"
-    assert info["DualParalLoader"]["input"]["optional"]["boundary"][1]["default"] == 0.875
+    assert info["DualParalLoader"]["input"]["optional"]["boundary"][1]["default"] == -1.0  # the model's own
     assert info["DualParalSampler"]["input_order"]["optional"] == ["sigmas", "cfg_low", "transition"]
     assert info["DualParalSampler"]["input"]["optional"]["cfg_low"][1]["default"] == -1.0
     assert info["DualParalLoRA"]["input_order"]["optional"] == ["previous", "expert"]

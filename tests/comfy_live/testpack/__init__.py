@@ -131,9 +131,34 @@ class DualParalTestSaveTensor(io.ComfyNode):
         return io.NodeOutput(ui={"tensors": [path]})
 
 
+class DualParalTestClipVision(io.ComfyNode):
+    """ComfyUI's CLIPVisionLoader builds only full-size vision models: this emits a CLIP_VISION_OUTPUT of the shape
+    CLIP Vision Encode gives for clip_vision_h (penultimate_hidden_states [1, 257, 1280]), seeded."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DualParalTestClipVision",
+            display_name="DualParal Test CLIP Vision Output",
+            category="DualParal/testing",
+            inputs=[io.Int.Input("seed", default=0, min=0, max=2**31 - 1)],
+            outputs=[io.ClipVisionOutput.Output()],
+        )
+
+    @classmethod
+    def execute(cls, seed: int) -> io.NodeOutput:
+        import comfy.clip_vision
+
+        out = comfy.clip_vision.Output()
+        g = torch.Generator().manual_seed(seed)
+        out.penultimate_hidden_states = torch.randn(1, 257, 1280, generator=g)
+        return io.NodeOutput(out)
+
+
 class _Ext(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [DualParalTestConditioning, DualParalTestProbe, DualParalTestLatent, DualParalTestSaveTensor]
+        return [DualParalTestConditioning, DualParalTestProbe, DualParalTestLatent, DualParalTestSaveTensor,
+                DualParalTestClipVision]
 
 
 async def comfy_entrypoint() -> ComfyExtension:
