@@ -24,6 +24,13 @@ from dualparal_core.bench.table import add_ratios, finish, line, ratio_lines, ta
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
+def _say(*parts, sep: str = " ", flush: bool = True) -> None:
+    """The bench's output: its table and progress lines go to stdout (it is a command-line tool)."""
+    sys.stdout.write(sep.join(str(p) for p in parts) + "\n")
+    if flush:
+        sys.stdout.flush()
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, plan: BenchPlan):
         self.args, self.plan, self.rows, self.latents = args, plan, [], {}
@@ -39,7 +46,7 @@ class Bench:
 
     def add(self, row: dict, flops: list[float]) -> None:
         self.rows.append(finish(row, flops))
-        print(line(self.rows[-1]), flush=True)
+        _say(line(self.rows[-1]), flush=True)
         self.save()
 
     def save(self) -> None:
@@ -173,7 +180,7 @@ class Bench:
         if "error" in merged:
             for r in range(len(devices)):
                 tail = (self.logs / f"{tag}.rank{r}.log").read_text(errors="replace").splitlines()[-25:]
-                print(f"--- {tag} rank {r}: the end of its log ---", *tail, sep="\n", flush=True)
+                _say(f"--- {tag} rank {r}: the end of its log ---", *tail, sep="\n", flush=True)
         return merged
 
     # ---------------------------------------------------------------- all
@@ -182,25 +189,25 @@ class Bench:
         from dualparal_core.bench.ours import safe_env
 
         safe_env()
-        print(f"bench: {a.model} shapes ({p.config.num_layers} layers, dim {p.config.dim}), {p.dtype}, "
+        _say(f"bench: {a.model} shapes ({p.config.num_layers} layers, dim {p.config.dim}), {p.dtype}, "
               f"{a.height}x{a.width}, {a.steps} steps, cfg {a.cfg}, shift {a.shift}, P={a.num_per_block} "
               f"K={a.num_cat}, our attention {' '.join(a.attention)}, devices {','.join(p.devices)}; peer logs in "
               f"{self.logs}", flush=True)
         if a.fuse:
-            print("note: --fuse changes nothing: the product always fuses the QKV projection", flush=True)
+            _say("note: --fuse changes nothing: the product always fuses the QKV projection", flush=True)
         self.ours()
         self.peers()
         add_ratios(self.rows)
         self.save()
         device = next((r["device_name"] for r in self.rows if r.get("device_name")), p.devices[0])
-        print(f"\n{device}, {self.stamp}, command: python -m dualparal_core {' '.join(sys.argv[1:])}")
-        print(table(self.rows))
+        _say(f"\n{device}, {self.stamp}, command: python -m dualparal_core {' '.join(sys.argv[1:])}")
+        _say(table(self.rows))
         for text in ratio_lines(self.rows):
-            print(text)
+            _say(text)
         if all(r.get("seconds") or r["kind"] == "reference" and r.get("note") for r in self.rows):
             shutil.rmtree(self.logs, ignore_errors=True)
             return 0
-        print(f"some rows failed; the peers' logs are in {self.logs}")
+        _say(f"some rows failed; the peers' logs are in {self.logs}")
         return 1
 
 
