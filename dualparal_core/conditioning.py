@@ -132,10 +132,16 @@ def image_kv(stage, text_emb: torch.Tensor, clip: torch.Tensor | None) -> dict |
     out = {}
     for i in stage.layers:
         a = stage.blocks[str(i)].attn2
-        k = a.norm_added_k(a.add_k_proj(img)).unflatten(2, (a.heads, -1)).transpose(1, 2)
-        v = a.add_v_proj(img).unflatten(2, (a.heads, -1)).transpose(1, 2)
-        out[i] = (k.contiguous(), v.contiguous())
+        out[i] = project_kv(img, a.add_k_proj, a.norm_added_k, a.add_v_proj, a.heads)
     return out
+
+
+def project_kv(tokens: torch.Tensor, to_k, norm_k, to_v, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cross-attention's keys and values over ``tokens`` [b, L, dim]: each [b, H, L, d], contiguous (the text's
+    and the image's, once per job)."""
+    k = norm_k(to_k(tokens)).unflatten(2, (heads, -1)).transpose(1, 2)
+    v = to_v(tokens).unflatten(2, (heads, -1)).transpose(1, 2)
+    return k.contiguous(), v.contiguous()
 
 
 class JobImage:

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attention, cross_backend
-from .conditioning import cross_attend, image_kv
+from .conditioning import cross_attend, image_kv, project_kv
 from .config import ATTENTION_BACKENDS, WanConfig
 from .files import keeps_fp32
 
@@ -249,17 +249,16 @@ class WanStage(nn.Module):
         return tproj.float(), temb
 
     @torch.no_grad()
-    def prepare_text(self, context: torch.Tensor, clip: torch.Tensor | None = None) -> TextKV:
+    def prepare_text(self, context: torch.Tensor, clip: torch.Tensor | None = None, image: bool = True) -> TextKV:
         """context [b, L, text_dim] -> per-layer cross-attention K/V, computed once per job; a model with
-        ``img_emb`` also gets image K/V from the CLIP-vision tokens ``clip`` (:func:`conditioning.image_kv`)."""
+        ``img_emb`` also gets image K/V from the CLIP-vision tokens ``clip`` (:func:`conditioning.image_kv`), unless
+        ``image`` is False (the caller brings image K/V it computed once)."""
         emb = self.condition_embedder.text_embedder(context.to(self.device, self.dtype))
         kv = {}
         for i in self.layers:
             a = self.blocks[str(i)].attn2
-            k = a.norm_k(a.to_k(emb)).unflatten(2, (a.heads, -1)).transpose(1, 2)
-            v = a.to_v(emb).unflatten(2, (a.heads, -1)).transpose(1, 2)
-            kv[i] = (k.contiguous(), v.contiguous())
-        return TextKV(kv, image_kv(self, emb, clip))
+            kv[i] = project_kv(emb, a.to_k, a.norm_k, a.to_v, a.heads)
+        return TextKV(kv, image_kv(self, emb, clip) if image else None)
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .conditioning import image_kv
 from .config import MAX_CONTEXT_TOKENS, BlockLayout, WanConfig
 
 VAE_STRIDE = 4
@@ -192,6 +193,7 @@ class TextBank:
         self.counts = Counter(self.key(it) for it in schedule.items)
         self.left = dict(self.counts)
         self.live: dict[tuple, object] = {}
+        self.image: dict[tuple[int, int], dict | None] = {}  # (expert, batch) -> image K/V, once per job
         self.builds = 0
 
     def key(self, item) -> tuple:
@@ -206,8 +208,10 @@ class TextBank:
         c = self.positive.mix(pos)
 
         def text(ctx):  # I2V: the CLIP-vision tokens go with every prompt (image K/V, conditioning.image_kv)
-            return stage.prepare_text(ctx) if self.clip is None else stage.prepare_text(
-                ctx, self.clip.expand(ctx.shape[0], -1, -1))
+            if self.clip is None:  # (without them, a Wan2.1 I2V model reads the prompt's own tokens as the image)
+                return stage.prepare_text(ctx)
+            t = stage.prepare_text(ctx, image=False)
+            return type(t)(t.kv, self._image_kv(e, ctx.shape[0]))
 
         if neg is None:
             return text(c)
@@ -218,6 +222,15 @@ class TextBank:
         a, b = text(c), text(u)
         return type(a)({i: (a.kv[i], b.kv[i]) for i in a.kv},
                        None if a.img is None else {i: (a.img[i], b.img[i]) for i in a.img})
+
+    def _image_kv(self, e: int, batch: int):
+        """The image K/V of the CLIP-vision tokens for expert ``e`` at ``batch``: the same for every prompt, so
+        computed once per job and shared by every prompt's K/V (None for a model without the image
+        cross-attention)."""
+        k = (e, batch)
+        if k not in self.image:
+            self.image[k] = image_kv(self.model.stages[e], None, self.clip.expand(batch, -1, -1))
+        return self.image[k]
 
     def take(self, item):
         """The K/V the item's layers read (built if this is the first item of the video needing them)."""

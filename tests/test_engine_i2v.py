@@ -72,6 +72,40 @@ def test_one_block_equals_plain_full_sequence_i2v_sampling(variant):
     assert ((other - out).norm() / out.norm()).item() > 1e-3
 
 
+def test_image_kv_are_computed_once_per_job_whatever_the_prompts(monkeypatch):
+    """The CLIP-vision tokens' K/V are the same for every prompt of a timeline and every video of the batch: one
+    computation per job and expert (a counter), and the timeline's blocks of its first prompt are that prompt's
+    plain result, bit for bit."""
+    import dualparal_core.model as model_mod
+    import dualparal_core.timeline as timeline_mod
+    from dualparal_core.timeline import Timeline, Track
+
+    cfg, _, stage = _model("i2v")
+    g = torch.Generator().manual_seed(5)
+    a, b, uncond = (torch.randn(1, 512, cfg.text_dim, generator=g) for _ in range(3))
+    clip = torch.randn(1, 257, 1280, generator=g)
+    concat = torch.randn(2, 20, 6, 4, 6, generator=g)
+    sc = SamplingConfig(sigmas=SIGMAS, sampler="euler", cfg=3.0, seed=42, noise_mode="independent",
+                        num_per_block=2, num_cat=0)
+    calls = {"bank": 0, "model": 0}
+
+    def counting(name, inner):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return inner(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(timeline_mod, "image_kv", counting("bank", timeline_mod.image_kv))
+    monkeypatch.setattr(model_mod, "image_kv", counting("model", model_mod.image_kv))
+    image = ImageConditioning(concat, clip)
+    tl = Timeline(Track((a, b), (0, 6)))  # blocks at video frames 0, 5, 13: a, a, b
+    out = run_single_process(stage, Job(sc, (2, 16, 6, 4, 6), a, uncond, timeline=tl, image=image))
+    assert calls == {"bank": 1, "model": 0}  # two prompts, two videos: the image K/V once
+    single = run_single_process(stage, Job(sc, (2, 16, 6, 4, 6), a, uncond, image=image))
+    assert torch.equal(single[:, :, :4], out[:, :, :4])
+    assert ((single[:, :, 4:] - out[:, :, 4:]).norm() / out[:, :, 4:].norm()).item() > 1e-3
+
+
 def _upscale(x, w, h):  # what ComfyUI's common_upscale does for a same-aspect bilinear resize (no crop needed)
     b, c, t = x.shape[:3]
     y = F.interpolate(x.movedim(2, 1).reshape(-1, c, *x.shape[-2:]), size=(h, w), mode="bilinear")

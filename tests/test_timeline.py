@@ -11,12 +11,13 @@ import weakref
 import pytest
 import torch
 from fault_helpers import reference, tiny_job, tiny_spec
+from references import pad_contexts
 from test_engine import SIGMAS, _denoiser, _plain
 from test_engine import setup as setup  # noqa: F401 - the module fixture (diffusers' Wan + our stage)
 
 from dualparal_core.config import BlockLayout, SamplingConfig, WanConfig
 from dualparal_core.engine import run_single_process
-from dualparal_core.protocol import Job, pad_contexts
+from dualparal_core.protocol import Job
 from dualparal_core.timeline import Timeline, Track, first_video_frame, video_frames
 
 
@@ -69,8 +70,8 @@ def _counting(stage):
     def gone():
         seen["alive"] -= 1
 
-    def counted(ctx):
-        kv = inner(ctx)
+    def counted(ctx, *args, **kwargs):
+        kv = inner(ctx, *args, **kwargs)
         seen["calls"] += 1
         seen["alive"] += 1
         seen["max_alive"] = max(seen["max_alive"], seen["alive"])
