@@ -221,13 +221,3 @@ class Job:
     def num_block_steps(self) -> int:
         layout = self.sampling.layout(self.shape[2])
         return self.shape[0] * layout.num_blocks * self.sampling.steps
-
-
-def pad_contexts(cond: torch.Tensor, uncond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bring cond and uncond to one token count as ComfyUI batches cross-attention conds (repeat to the lcm). The
-    engine no longer pads (it keeps each length and splits cross-attention); the tests use it as a reference."""
-    a, b = cond.shape[1], uncond.shape[1]
-    if a == b:
-        return cond, uncond
-    n = a * b // math.gcd(a, b)
-    return cond.repeat(1, n // a, 1), uncond.repeat(1, n // b, 1)

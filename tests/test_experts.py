@@ -47,7 +47,7 @@ def pair():
 
 def _plain_two_experts(models, sigmas, boundary, cfgs, x, cond, uncond):
     """Euler over the whole video, switching models by sigma: the reference, written without the engine."""
-    from dualparal_core.protocol import pad_contexts
+    from references import pad_contexts
 
     c, u = pad_contexts(cond, uncond)
     for i in range(len(sigmas) - 1):

@@ -17,10 +17,11 @@ import time
 import pytest
 import torch
 from fault_helpers import fault_env
+from references import pad_contexts
 
 from dualparal_core.config import ModelSource, PoolSpec, SamplingConfig, Timeouts, WanConfig
 from dualparal_core.pool import PoolCancelled, WorkerError, WorkerPool
-from dualparal_core.protocol import Job, pad_contexts
+from dualparal_core.protocol import Job
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 needs_gpu = pytest.mark.skipif(GPUS < 1, reason="needs a CUDA GPU (device machine only)")

@@ -19,16 +19,11 @@ from pathlib import Path
 from dualparal_core.bench import flops as F
 from dualparal_core.bench.cli import BenchPlan
 from dualparal_core.bench.table import add_ratios, finish, line, ratio_lines, table
+from dualparal_core.headless.progress import say
 
 #: The folder that holds the dualparal_core package (children import it from there).
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
-
-def _say(*parts, sep: str = " ", flush: bool = True) -> None:
-    """The bench's output: its table and progress lines go to stdout (it is a command-line tool)."""
-    sys.stdout.write(sep.join(str(p) for p in parts) + "\n")
-    if flush:
-        sys.stdout.flush()
 
 
 class Bench:
@@ -46,7 +41,7 @@ class Bench:
 
     def add(self, row: dict, flops: list[float]) -> None:
         self.rows.append(finish(row, flops))
-        _say(line(self.rows[-1]), flush=True)
+        say(line(self.rows[-1]), flush=True)
         self.save()
 
     def save(self) -> None:
@@ -180,7 +175,7 @@ class Bench:
         if "error" in merged:
             for r in range(len(devices)):
                 tail = (self.logs / f"{tag}.rank{r}.log").read_text(errors="replace").splitlines()[-25:]
-                _say(f"--- {tag} rank {r}: the end of its log ---", *tail, sep="\n", flush=True)
+                say(f"--- {tag} rank {r}: the end of its log ---", *tail, sep="\n", flush=True)
         return merged
 
     # ---------------------------------------------------------------- all
@@ -189,25 +184,25 @@ class Bench:
         from dualparal_core.bench.ours import safe_env
 
         safe_env()
-        _say(f"bench: {a.model} shapes ({p.config.num_layers} layers, dim {p.config.dim}), {p.dtype}, "
+        say(f"bench: {a.model} shapes ({p.config.num_layers} layers, dim {p.config.dim}), {p.dtype}, "
               f"{a.height}x{a.width}, {a.steps} steps, cfg {a.cfg}, shift {a.shift}, P={a.num_per_block} "
               f"K={a.num_cat}, our attention {' '.join(a.attention)}, devices {','.join(p.devices)}; peer logs in "
               f"{self.logs}", flush=True)
         if a.fuse:
-            _say("note: --fuse changes nothing: the product always fuses the QKV projection", flush=True)
+            say("note: --fuse changes nothing: the product always fuses the QKV projection", flush=True)
         self.ours()
         self.peers()
         add_ratios(self.rows)
         self.save()
         device = next((r["device_name"] for r in self.rows if r.get("device_name")), p.devices[0])
-        _say(f"\n{device}, {self.stamp}, command: python -m dualparal_core {' '.join(sys.argv[1:])}")
-        _say(table(self.rows))
+        say(f"\n{device}, {self.stamp}, command: python -m dualparal_core {' '.join(sys.argv[1:])}")
+        say(table(self.rows))
         for text in ratio_lines(self.rows):
-            _say(text)
+            say(text)
         if all(r.get("seconds") or r["kind"] == "reference" and r.get("note") for r in self.rows):
             shutil.rmtree(self.logs, ignore_errors=True)
             return 0
-        _say(f"some rows failed; the peers' logs are in {self.logs}")
+        say(f"some rows failed; the peers' logs are in {self.logs}")
         return 1
 
 

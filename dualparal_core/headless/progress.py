@@ -1,5 +1,6 @@
 """Progress on stderr for every wait of the headless CLI (tqdm): a ticking clock with the latest status while
-workers start and load, and counted bars for tensors loaded, texts encoded, block-steps sampled, frames decoded."""
+workers start and load, and counted bars for tensors loaded, texts encoded, block-steps sampled, frames decoded;
+and :func:`say`, the command-line tools' (``generate``, ``demo``, ``bench``) lines on stdout."""
 
 from __future__ import annotations
 
@@ -8,6 +9,13 @@ import threading
 import time
 
 from tqdm import tqdm
+
+
+def say(*parts, sep: str = " ", flush: bool = True) -> None:
+    """One line of a command-line tool's output on stdout (what it did, its table), flushed."""
+    sys.stdout.write(sep.join(str(p) for p in parts) + "\n")
+    if flush:
+        sys.stdout.flush()
 
 
 def bar(desc: str, total: int, unit: str) -> tqdm:

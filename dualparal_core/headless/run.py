@@ -11,7 +11,7 @@ import torch
 from dualparal_core.config import ModelSource, PoolSpec, SamplingConfig, WanConfig
 from dualparal_core.decode import FrameSink, VideoWriter, num_pixel_frames
 from dualparal_core.headless.checks import DEMO_LAYERS, Plan
-from dualparal_core.headless.progress import SampleBar, Waiting, bar
+from dualparal_core.headless.progress import SampleBar, Waiting, bar, say
 
 #: The demo's random Wan VAE: diffusers AutoencoderKLWan with a small base width (the real one has 96).
 DEMO_VAE = dict(base_dim=16, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace, plan: Plan) -> int:
                         seed=args.seed, noise_mode=args.noise_mode, num_per_block=args.num_per_block,
                         num_cat=args.num_cat)
     t = plan.latent_shape[2]
-    print(f"DualParal: {t} latent frames ({args.frames} video frames) at {args.width}x{args.height}, "
+    say(f"DualParal: {t} latent frames ({args.frames} video frames) at {args.width}x{args.height}, "
           f"{sc.layout(t).num_blocks} blocks x {args.steps} steps on {', '.join(plan.devices)}", flush=True)
     if args.cmd == "demo":
         config = WanConfig.tiny(num_layers=DEMO_LAYERS)
@@ -134,11 +134,11 @@ def run(args: argparse.Namespace, plan: Plan) -> int:
             lat = pool.generate(job, on_progress=progress)
         finally:
             progress.close()
-        print(f"sampled in {time.time() - t0:.1f} s", flush=True)
+        say(f"sampled in {time.time() - t0:.1f} s", flush=True)
         _output(pool, lat, weights, plan, args)
     finally:
         pool.close()
-    print(f"wrote {plan.out}")
+    say(f"wrote {plan.out}")
     return 0
 
 
@@ -153,4 +153,4 @@ def _output(pool, lat: torch.Tensor, weights: dict | None, plan: Plan, args: arg
     std = torch.tensor(WAN21_STD).view(1, 16, 1, 1, 1)
     t0 = time.time()
     write_video(pool, lat * std + mean, weights, plan, args)
-    print(f"decoded in {time.time() - t0:.1f} s", flush=True)
+    say(f"decoded in {time.time() - t0:.1f} s", flush=True)
