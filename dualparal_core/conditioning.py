@@ -152,8 +152,13 @@ class JobImage:
         self.channels = config.concat_channels
         # only rank 0 embeds: the other ranks keep no concat latent
         self.concat = image.concat if image is not None and self.channels and rank == 0 else None
-        self.video = 0
-        """Which video of the batch rank 0 is sampling (its row of the concat latent)."""
+        self.current: torch.Tensor | None = None
+        """The concat latent of the video being sampled, on the device (see :meth:`select`)."""
+
+    def select(self, video: int, device: torch.device) -> None:
+        """Rank 0 starts sampling ``video`` of the batch: its row of the concat latent moves to the device once, so
+        the block-step loop slices it there (a host-to-device copy per block-step would wait for the GPU's queue)."""
+        self.current = None if self.concat is None else self.concat[video:video + 1].to(device)
 
     def window(self, x: torch.Tensor, s0: int, e0: int) -> torch.Tensor:
         """The model input of frames [s0, e0) of the video being sampled: its noisy latent, then (I2V) the same
@@ -161,8 +166,8 @@ class JobImage:
         xs = x[:, :, s0:e0]
         if not self.channels:
             return xs
-        if self.concat is None:
+        if self.current is None:
             extra = xs.new_zeros((xs.shape[0], self.channels, *xs.shape[2:]))
         else:
-            extra = self.concat[self.video:self.video + 1, :, s0:e0].to(xs.device, xs.dtype)
+            extra = self.current[:, :, s0:e0].to(xs.dtype)
         return torch.cat((xs, extra.expand(xs.shape[0], -1, -1, -1, -1)), dim=1)

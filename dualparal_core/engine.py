@@ -284,7 +284,7 @@ class RankEngine:
             x0 = latent[b:b + 1].float()
             x = sigma0 * noise[b:b + 1].float() + (1.0 - sigma0) * x0 if sc.add_noise else x0.clone()
             x = x.to(self.model.device)
-            self.image.video = b
+            self.image.select(b, x.device)
             for info in self._sample_video(x, cancelled):
                 done += 1
                 if progress is not None:
