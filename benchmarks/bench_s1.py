@@ -38,6 +38,7 @@ its warm-up; ``bash benchmarks/gpu_tables.sh s1-n1`` runs the same under a time 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import sys
@@ -50,6 +51,7 @@ import shipped  # noqa: E402
 import torch  # noqa: E402
 
 from dualparal_core.bench.flops import block_step_flops, item_flops, job_flops, steady_rate  # noqa: E402,F401
+from dualparal_core.conditioning import ImageConditioning  # noqa: E402
 from dualparal_core.config import BlockLayout, WanConfig, split_layers  # noqa: E402
 
 MODELS = {"1.3b": WanConfig.wan21_1_3b, "14b": WanConfig.wan21_14b}
@@ -62,6 +64,8 @@ class Setup:
     def __init__(self, args):
         self.args = args
         self.cfg = WanConfig.tiny() if args.tiny else MODELS[args.model]()
+        if args.i2v:  # Wan2.1 I2V: 36 channels in (16 noisy + 20 image conditioning), img_emb and k_img/v_img
+            self.cfg = dataclasses.replace(self.cfg, in_channels=self.cfg.out_channels + 20, image_dim=1280)
         self.tpf = (args.height // 16) * (args.width // 16)
         self.b = 2 if args.cfg != 1 else 1
         self.b_low = self.b if args.cfg_low is None else (2 if args.cfg_low != 1 else 1)
@@ -69,14 +73,26 @@ class Setup:
         if args.experts == 2:
             self.experts = [0 if s >= args.boundary else 1 for s in shipped.sigmas(args.steps)[:-1]]
 
-    def item_flops(self, frames: int, P: int, K: int) -> list[float]:
+    def item_flops(self, frames: int, P: int, K: int, steps: int | None = None) -> list[float]:
         a = self.args
-        return item_flops(self.cfg, BlockLayout(frames, P, K), a.steps, self.tpf, self.b, self.experts, self.b_low)
+        experts = self.experts if steps is None else self.experts_of(steps)
+        return item_flops(self.cfg, BlockLayout(frames, P, K), steps or a.steps, self.tpf, self.b, experts,
+                          self.b_low)
+
+    def experts_of(self, steps: int) -> list[int] | None:
+        a = self.args
+        return None if a.experts == 1 else [0 if s >= a.boundary else 1 for s in shipped.sigmas(steps)[:-1]]
 
     def job(self, frames: int, steps: int, P: int, K: int, sigma_table: tuple[float, ...] | None = None):
         a = self.args
-        return shipped.make_job(self.cfg, frames, steps, P, K, a.height, a.width, sampler=a.sampler, cfg=a.cfg,
-                                cfg_low=a.cfg_low, sigma_table=sigma_table)
+        job = shipped.make_job(self.cfg, frames, steps, P, K, a.height, a.width, sampler=a.sampler, cfg=a.cfg,
+                               cfg_low=a.cfg_low, sigma_table=sigma_table)
+        if a.i2v:  # what WanImageToVideo + CLIPVisionEncode give: a concat latent for every frame, 257 CLIP tokens
+            g = torch.Generator().manual_seed(2)
+            b, _, t, h, w = job.shape
+            job.image = ImageConditioning(concat=torch.randn(b, 20, t, h, w, generator=g),
+                                          clip=torch.randn(1, 257, 1280, generator=g))
+        return job
 
     def warmup(self, frames: int, P: int, K: int):
         """A short job with every kernel shape of the real one: its window shapes, and the first and last sigmas
@@ -187,8 +203,11 @@ def _extrapolated(measured: list[dict], setup: Setup) -> list[dict]:
     else:
         return []
     out = []
+    steps = a.extrapolate_steps or a.steps
+    if steps != a.steps:
+        how += f", {steps} steps"
     for f in a.extrapolate:
-        fl = sum(setup.item_flops(f, a.P, a.K))
+        fl = sum(setup.item_flops(f, a.P, a.K, steps))
         out.append(dict(r2, name=f"dualparal N={r2['world']} T={f} ({how})", frames=f, generate_s=None,
                         seconds=r2["seconds"] + per_flop * (fl - f2), flops=fl, ticks=[]))
         _row(out[-1])
@@ -239,7 +258,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.extend(run_diffusers(setup))
     dev_name = next((r["device_name"] for r in rows if r.get("device_name")), args.device)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"\n{dev_name}, torch {torch.__version__}, {stamp}; {args.model if not args.tiny else 'tiny'} "
+    print(f"\n{dev_name}, torch {torch.__version__}, {stamp}; {args.model if not args.tiny else 'tiny'}"
+          f"{' I2V (36 channels in, img_emb, 257 CLIP tokens)' if args.i2v else ''} "
           f"{args.dtype}, {args.height}x{args.width}, {args.steps} steps, cfg {args.cfg}, P={args.P} K={args.K}, "
           f"attention={args.attention}, sampler={args.sampler}, shipped path (WorkerPool; fused QKV), "
           f"compile={'product default' if args.compile is None else args.compile}, experts={args.experts} "
@@ -262,6 +282,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="GPU counts for DualParal (none: only the --baseline runs)")
     ap.add_argument("--model", choices=sorted(MODELS), default="1.3b")
     ap.add_argument("--tiny", action="store_true", help="tiny random model (CPU smoke run)")
+    ap.add_argument("--i2v", action="store_true",
+                    help="Wan2.1 I2V shapes of --model (in_channels 36, img_emb, k_img/v_img): the job carries a "
+                         "random concat latent for every frame and 257 CLIP-vision tokens, as WanImageToVideo with "
+                         "CLIPVisionEncode gives; its FLOPs are counted as T2V's (the image cross-attention, 257 "
+                         "keys, is under 1 %%)")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     ap.add_argument("--attention", default="sdpa")
@@ -296,6 +321,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--extrapolate", type=int, nargs="+", default=[],
                     help="also print rows for these latent frame counts, extrapolated from the two longest measured "
                          "runs of each GPU count (time linear in the number of blocks; labelled as extrapolated)")
+    ap.add_argument("--extrapolate-steps", type=int, default=None,
+                    help="steps of the --extrapolate rows (default: --steps); e.g. measure 4 steps of 14B, "
+                         "extrapolate to S1's 10 (the rate per FLOP is the measured one)")
     ap.add_argument("--timeout", type=float, default=900,
                     help="Timeouts.startup and .step of the pools (s)")
     ap.add_argument("--json", default=None, help="write results here too")

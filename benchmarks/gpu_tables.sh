@@ -19,6 +19,13 @@
 #   bash benchmarks/gpu_tables.sh bench-s1  # python -m dualparal_core bench: S1 on GPU 0 + full-sequence baselines
 #   bash benchmarks/gpu_tables.sh bench-len # the same bench, 72 and 257 latent frames (1,025 video frames), ours only
 #   bash benchmarks/gpu_tables.sh bench-fp8 # the same bench, S1 with fa3 and fa3_fp8, the fp8 latents' error
+#   bash benchmarks/gpu_tables.sh n1-table  # one GPU: block-step profile (fa3, fa3_fp8), then the bench: S1 with
+#                                           # fa3 and fa3_fp8 + full-sequence diffusers SDPA and FA3 (issue 15)
+#   bash benchmarks/gpu_tables.sh n1-i2v    # one GPU: prompt timeline vs one prompt (1.3B, issue 18), then Wan2.1
+#                                           # T2V 14B and I2V 14B shapes, 32 latent frames x 4 steps, extrapolated
+#                                           # to 257 latent frames x 10 steps (issue 17)
+#   bash benchmarks/gpu_tables.sh n1-len    # one GPU: the bench at 72 and 257 latent frames (issue 15's length
+#                                           # goal), after the block-step before the kernel changes (.old/)
 #
 # Every DualParal row runs through the product's WorkerPool (benchmarks/shipped.py): QKV always fused, the chains
 # compiled unless --no-compile. Rows measured before 2026-12-06 used the benchmark's own launcher (README).
@@ -102,6 +109,22 @@ n1-extra)  # the same-run references of n1-speed: the block-step before the kern
     [ -d .old ] && (cd .old && step prof_old 100 "$PY" benchmarks/profile_step.py --backends fa3 --json "$OUT/prof_old.json")
     step diff 150 $S1 --world --diffusers-baseline --frames 72 --timeout 140 --json "$OUT/diff.json"
     for f in "$OUT"/prof_old.log "$OUT"/diff.log; do tail -4 "$f"; done ;;
+n1-table)
+    step prof 125 "$PY" benchmarks/profile_step.py --backends fa3 fa3_fp8 --json "$OUT/prof.json"
+    step bench_s1 430 $B --frames 72 --attention ${FA:-sdpa} ${FA:+fa3_fp8} --baseline-attention sdpa $FA \
+        --baseline-steps 3 --timeout 170 --json "$OUT/bench_s1.json"
+    tail -5 "$OUT/prof.log"; tail -22 "$OUT/bench_s1.log" ;;
+n1-i2v)
+    step timeline 140 "$PY" benchmarks/timeline_cost.py --attention ${FA:-sdpa} --json "$OUT/timeline.json"
+    for v in t2v i2v; do
+        step "${v}14" 210 $S1 --model 14b --world 1 --frames 32 --steps 4 --attention ${FA:-sdpa} \
+            --extrapolate 257 --extrapolate-steps 10 --timeout 200 --json "$OUT/${v}14.json" $([ $v = i2v ] && echo --i2v)
+    done
+    tail -3 "$OUT/timeline.log"; for v in t2v i2v; do tail -6 "$OUT/${v}14.log"; done ;;
+n1-len)
+    [ -d .old ] && (cd .old && step prof_old 100 "$PY" benchmarks/profile_step.py --backends fa3 --json "$OUT/prof_old.json")
+    step bench_len 480 $B --frames 72 257 --attention ${FA:-sdpa} --no-baseline --timeout 420 --json "$OUT/bench_len.json"
+    tail -5 "$OUT/prof_old.log"; tail -12 "$OUT/bench_len.log" ;;
 n1-length)
     step len 560 $S1 --world 1 --frames 257 --attention fa3 --timeout 540 --json "$OUT/len.json" ;;
 *) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;

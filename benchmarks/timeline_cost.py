@@ -53,10 +53,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--K", type=int, default=8)
     ap.add_argument("--transition", type=int, default=64, help="video frames")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--attention", default="sdpa", help="the pool's attention backend (fa3 on Hopper with fa3-fwd)")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     config = WanConfig.tiny() if a.tiny else WanConfig.wan21_1_3b()
-    pool = start_pool(config, a.world, device=a.device, dtype="fp32" if a.device == "cpu" else "bf16")
+    pool = start_pool(config, a.world, device=a.device, dtype="fp32" if a.device == "cpu" else "bf16",
+                      attention=a.attention)
     try:
         single = make_job(config, a.frames, a.steps, a.P, a.K, a.height, a.width)
         tl, distinct = timeline_job(config, a)

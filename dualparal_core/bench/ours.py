@@ -56,7 +56,7 @@ def make_job(config: WanConfig, frames: int, steps: int, P: int, K: int, height:
     sc = SamplingConfig(sigmas=sigma_table or simple_sigmas(steps, shift), sampler=sampler, cfg=cfg, cfg_low=cfg_low,
                         seed=0, noise_mode="coordinated", num_per_block=P, num_cat=K)
     cond, uncond = texts(config, text_tokens)
-    return Job(sc, (1, config.in_channels, frames, height // 8, width // 8), cond, uncond if sc.use_cfg else None)
+    return Job(sc, (1, config.out_channels, frames, height // 8, width // 8), cond, uncond if sc.use_cfg else None)
 
 
 def warmup_frames(frames: int, P: int, K: int) -> int:
