@@ -23,7 +23,8 @@
 #                                           # fa3 and fa3_fp8 + full-sequence diffusers SDPA and FA3 (issue 15)
 #   bash benchmarks/gpu_tables.sh n1-i2v    # one GPU: prompt timeline vs one prompt (1.3B, issue 18), then Wan2.1
 #                                           # T2V 14B and I2V 14B shapes, 32 latent frames x 4 steps, extrapolated
-#                                           # to 257 latent frames x 10 steps (issue 17)
+#                                           # to 257 latent frames x 10 steps (issue 17); WITH_PROF=1: then
+#                                           # n1-table's block-step profile
 #   bash benchmarks/gpu_tables.sh n1-len    # one GPU: the bench at 72 and 257 latent frames (issue 15's length
 #                                           # goal), after the block-step before the kernel changes (.old/)
 #
@@ -120,7 +121,8 @@ n1-i2v)
         step "${v}14" 210 $S1 --model 14b --world 1 --frames 32 --steps 4 --attention ${FA:-sdpa} \
             --extrapolate 257 --extrapolate-steps 10 --timeout 200 --json "$OUT/${v}14.json" $([ $v = i2v ] && echo --i2v)
     done
-    tail -3 "$OUT/timeline.log"; for v in t2v i2v; do tail -6 "$OUT/${v}14.log"; done ;;
+    [ -n "${WITH_PROF:-}" ] && step prof 125 "$PY" benchmarks/profile_step.py --backends fa3 fa3_fp8 --json "$OUT/prof.json"
+    tail -3 "$OUT/timeline.log"; for v in t2v i2v; do tail -6 "$OUT/${v}14.log"; done; tail -5 "$OUT/prof.log" ;;
 n1-len)
     [ -d .old ] && (cd .old && step prof_old 100 "$PY" benchmarks/profile_step.py --backends fa3 --json "$OUT/prof_old.json")
     step bench_len 480 $B --frames 72 257 --attention ${FA:-sdpa} --no-baseline --timeout 420 --json "$OUT/bench_len.json"
