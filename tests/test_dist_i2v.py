@@ -1,16 +1,21 @@
 """N-independence with image-to-video conditioning through the real worker pool: 1, 2 and 3 CPU ranks give
 latents bit-identical to the single-process reference, over several blocks with K > 0, for Wan2.1 I2V (concat +
-CLIP-vision tokens; FLF2V differs only in its per-job image tokens, tests/test_model_i2v.py); and each block-step embeds its own window's frames of the concat."""
+CLIP-vision tokens; FLF2V differs only in its per-job image tokens, tests/test_model_i2v.py) and for Wan2.2 I2V A14B
+(two experts without img_emb, switched at boundary 0.9 while other blocks are still on the other expert); and each
+block-step embeds its own window's frames of the concat."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
 from fault_helpers import SEED, tiny_job
 
 from dualparal_core.conditioning import ImageConditioning
-from dualparal_core.config import ModelSource, PoolSpec
+from dualparal_core.config import ModelSource, PoolSpec, SamplingConfig
 from dualparal_core.engine import run_single_process
+from dualparal_core.experts import BOUNDARY_I2V, Experts
 from dualparal_core.model import WanStage
 from dualparal_core.pool import WorkerPool
 from dualparal_core.testing import tiny_config
@@ -28,10 +33,10 @@ def _job(variant: str, concat: torch.Tensor | None = None):
     return tiny_job("uni_pc", image=ImageConditioning(concat, torch.randn(1, tokens, 1280, generator=g)))
 
 
-def _stage(variant):
+def _stage(variant, seed=SEED):
     cfg = tiny_config(variant)
     st = WanStage(cfg, range(cfg.num_layers), embed=True, head=True)
-    st.init_random(SEED)
+    st.init_random(seed)
     return st
 
 
@@ -56,6 +61,37 @@ def test_i2v_is_bit_identical_on_1_2_3_ranks(world, variant="i2v"):
         pool.close()
     assert out.shape == (2, 16, 7, 8, 8)
     assert torch.equal(out, _reference(variant)), f"{variant} on {world} rank(s) differs"
+
+
+# Wan2.2 I2V A14B: sigmas 1.0 and 0.95 on the high-noise expert, 0.85 on down on the low-noise one; blocks of 4, 2 and 1
+# frames (P = K = 2) cross the boundary at ticks 2, 3 and 4, and the batch changes at the switch (cfg 3 -> cfg_low 1,
+# and cfg 1 -> cfg_low 4).
+EXPERT_SIGMAS = (1.0, 0.95, 0.85, 0.6, 0.3, 0.0)
+EXPERT_JOBS = (("uni_pc", 3.0, 1.0), ("euler", 1.0, 4.0))
+
+
+def _expert_job(sampler: str, cfg: float, cfg_low: float):
+    job = _job("i2v_concat")
+    sc = SamplingConfig(sigmas=EXPERT_SIGMAS, sampler=sampler, cfg=cfg, cfg_low=cfg_low, seed=5,
+                        noise_mode="coordinated", num_per_block=2, num_cat=2)
+    return replace(job, sampling=sc, image=ImageConditioning(job.image.concat))  # no img_emb: no CLIP tokens
+
+
+def test_two_expert_i2v_is_bit_identical_on_1_2_3_ranks(world):
+    if "experts" not in _REFS:
+        pair = Experts((_stage("i2v_concat"), _stage("i2v_concat", SEED + 1)), BOUNDARY_I2V)
+        _REFS["experts"] = torch.stack([run_single_process(pair, _expert_job(*a)) for a in EXPERT_JOBS])
+    src = ModelSource(random_config=tiny_config("i2v_concat"), random_seed=SEED, random_low_seed=SEED + 1,
+                      boundary=BOUNDARY_I2V)
+    pool = WorkerPool.start(PoolSpec(src, devices=("cpu",) * world, dtype="fp32"))
+    try:
+        assert all(i["experts"] == 2 for i in pool.ready_info)
+        out = torch.stack([pool.generate(_expert_job(*a)) for a in EXPERT_JOBS])
+    finally:
+        pool.close()
+    assert out.shape == (2, 2, 16, 7, 8, 8)
+    for a, got, want in zip(EXPERT_JOBS, out, _REFS["experts"]):
+        assert torch.equal(got, want), f"two-expert I2V {a} on {world} rank(s) differs"
 
 
 def test_each_block_step_embeds_its_own_window_of_the_concat():

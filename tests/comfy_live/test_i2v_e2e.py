@@ -1,7 +1,8 @@
 """Image-to-video in a real ComfyUI server, through ComfyUI's own conditioning nodes: LoadImage ->
 WanImageToVideo / WanFirstLastFrameToVideo -> DualParal Sampler gives the LATENT of ComfyUI's KSampler on the same
 graph (one block, no context, independent noise) for Wan2.1 I2V with and without a clip_vision_output, FLF2V, and
-Wan2.2 I2V A14B's layout (no img_emb); a multi-block first-last-frame run works; a T2V model ignores image
+Wan2.2 I2V A14B's layout (no img_emb); the A14B pair of experts gives the LATENT of ComfyUI's two-KSamplerAdvanced
+chain split where sigma crosses Wan2.2 I2V's boundary 0.9 (the Loader's default for 36-channel files); a multi-block first-last-frame run works; a T2V model ignores image
 conditioning with a warning, as ComfyUI's KSampler ignores it."""
 
 from __future__ import annotations
@@ -143,6 +144,51 @@ def test_one_block_matches_ksampler_on_comfys_own_i2v_conditioning(server, varia
         else:  # a model without img_emb ignores it, as ComfyUI does
             assert torch.equal(a, b)
     assert "got no start image" in server.log_tail(200000) or variant == "flf2v"
+
+
+def test_two_i2v_experts_equal_two_ksampler_advanced_split_at_the_boundary(server):
+    """Wan2.2 I2V A14B as users chain it in ComfyUI: WanImageToVideo's conditioning into a high-noise
+    KSamplerAdvanced (cfg 3.5, steps 0..2) and a low-noise one (the lightx2v LoRA, cfg 1, steps 2..end). Shift 8,
+    simple, 4 steps: sigmas 1.0, 0.96, 0.889, 0.727, so the I2V boundary 0.9 splits after step 2, where T2V's
+    0.875 would not: the Loader's default boundary (-1: the model's own) must be I2V's. The DualParal Sampler with
+    both files, a LoRA on the low-noise expert and cfg_low 1 gives ComfyUI's LATENT; at boundary 0.875 (step 2 on
+    the high-noise expert) it does not."""
+    g = _common()
+    g.update(_i2v("30", 9, clip=False))
+    adv = {"noise_seed": 42, "steps": 4, "sampler_name": "euler", "scheduler": "simple", "positive": ["30", 0],
+           "negative": ["30", 1]}
+    loader = {"unet_name": MODELS["i2v_concat"], "low_noise_unet_name": LOW, "devices": "cpu:2", "dtype": "fp32",
+              "attention": "sdpa", "keep_alive": True, "loras": ["40", 0]}
+    sampler = {"positive": ["30", 0], "negative": ["30", 1], "latent_image": ["30", 2], "seed": 42, "steps": 4,
+               "cfg": 3.5, "cfg_low": 1.0, "sampler_name": "euler", "scheduler": "simple", "shift": 8.0,
+               "denoise": 1.0, "num_per_block": 8, "num_cat": 0, "noise_mode": "independent"}
+    g.update({
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": MODELS["i2v_concat"], "weight_dtype": "default"}},
+        "2": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 8.0}},
+        "11": {"class_type": "UNETLoader", "inputs": {"unet_name": LOW, "weight_dtype": "default"}},
+        "12": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["11", 0], "lora_name": LORAS[1],
+                                                               "strength_model": 1.0}},
+        "13": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["12", 0], "shift": 8.0}},
+        "6": {"class_type": "KSamplerAdvanced", "inputs": {
+            **adv, "model": ["2", 0], "add_noise": "enable", "cfg": 3.5, "latent_image": ["30", 2],
+            "start_at_step": 0, "end_at_step": 2, "return_with_leftover_noise": "enable"}},
+        "7": {"class_type": "KSamplerAdvanced", "inputs": {
+            **adv, "model": ["13", 0], "add_noise": "disable", "cfg": 1.0, "latent_image": ["6", 0],
+            "start_at_step": 2, "end_at_step": 10000, "return_with_leftover_noise": "disable"}},
+        "14": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "i2v/ks_a14b"}},
+        "40": {"class_type": "DualParalLoRA", "inputs": {"lora_name": LORAS[1], "strength": 1.0, "expert": "low"}},
+        "41": {"class_type": "DualParalLoader", "inputs": loader},
+        "42": {"class_type": "DualParalSampler", "inputs": {"model": ["41", 0], **sampler}},
+        "43": {"class_type": "SaveLatent", "inputs": {"samples": ["42", 0], "filename_prefix": "i2v/dp_a14b"}},
+        "44": {"class_type": "DualParalLoader", "inputs": {**loader, "boundary": 0.875}},
+        "45": {"class_type": "DualParalSampler", "inputs": {"model": ["44", 0], **sampler}},
+        "46": {"class_type": "SaveLatent", "inputs": {"samples": ["45", 0], "filename_prefix": "i2v/dp_t2v_b"}},
+    })
+    h = server.run(g, timeout=400)
+    ks, dp, t2v_boundary = _saved(server, h, "14"), _saved(server, h, "43"), _saved(server, h, "46")
+    assert dp.shape == ks.shape == (1, 16, 3, 4, 4)
+    torch.testing.assert_close(dp, ks, rtol=FOREIGN_TOL, atol=FOREIGN_TOL)  # measured 1e-6 (values up to ~9)
+    assert (t2v_boundary - ks).abs().max() > 100 * FOREIGN_TOL
 
 
 def test_multi_block_first_last_frame_runs(server):
