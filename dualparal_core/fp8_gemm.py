@@ -93,16 +93,19 @@ class ScaledMMLinear(nn.Module):
         n, k = lin.weight.shape
         if n % ALIGN or k % ALIGN:
             return None
-        if isinstance(lin, Fp8Linear):
+        fp8 = isinstance(lin, Fp8Linear)
+        # the bias in the compute dtype (the CUDA kernels take a bf16 bias for bf16 output)
+        bias = None if lin.bias is None else lin.bias.detach().to(lin.compute_dtype if fp8 else lin.weight.dtype)
+        if fp8:
             scale = getattr(lin, SCALE)
             scale = torch.ones(n, device=lin.weight.device) if scale is None else scale.float().reshape(-1)
             if lin.weight.dtype == E4M3 and scale.numel() in (1, n):  # as loaded: no second rounding
-                return cls(lin.weight.data, scale.expand(n), lin.bias, gelu_input)
+                return cls(lin.weight.data, scale.expand(n), bias, gelu_input)
             w = dequantise(lin.weight, getattr(lin, SCALE), torch.float32)
         else:
             w = lin.weight
         wq, ws = quantise_rows(w)
-        return cls(wq, ws, lin.bias, gelu_input)
+        return cls(wq, ws, bias, gelu_input)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xq, xs = self.quantise(x)
