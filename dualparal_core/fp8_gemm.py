@@ -85,6 +85,7 @@ class ScaledMMLinear(nn.Module):
         self.quantise = gelu_quantise_rows if gelu_input else quantise_rows  # swapped for a compiled one on GPUs
 
     @classmethod
+    @torch.no_grad()
     def convert(cls, lin: nn.Module, gelu_input: bool = False) -> ScaledMMLinear | None:
         """The fp8 version of ``lin`` (an ``nn.Linear`` or an :class:`Fp8Linear`), or None when its shape does not
         fit ``torch._scaled_mm`` or is converted already (then ``lin`` stays as it is)."""
@@ -155,8 +156,8 @@ def check_device(device: torch.device, dtype: torch.dtype) -> None:
                          f"kernels write bf16); this rank computes in {dtype}: use dtype='bf16', or matmul='bf16'.")
 
 
-def _swap(parent: nn.Module, name: str, gelu_input: bool = False) -> list[ScaledMMLinear]:
-    new = ScaledMMLinear.convert(parent.get_submodule(name), gelu_input)
+def _swap(parent: nn.Module, name: str) -> list[ScaledMMLinear]:
+    new = ScaledMMLinear.convert(parent.get_submodule(name))
     if new is None:
         return []
     if name.isdigit():  # an entry of a ModuleList (to_out[0])
@@ -185,8 +186,8 @@ def install_scaled_mm(stage: nn.Module, device: torch.device, compiled: bool = F
     new: list[ScaledMMLinear] = []
     for blk in stage.blocks.values():
         a1, a2 = blk.attn1, blk.attn2
-        for parent, name in ([(a1, "to_qkv")] if hasattr(a1, "to_qkv") else [(a1, "to_q"), (a1, "to_k"), (a1, "to_v")]) \
-                + [(a1.to_out, "0"), (a2, "to_q"), (a2.to_out, "0")]:
+        qkv = ["to_qkv"] if hasattr(a1, "to_qkv") else ["to_q", "to_k", "to_v"]  # fused (fuse_qkv) or not
+        for parent, name in [(a1, n) for n in qkv] + [(a1.to_out, "0"), (a2, "to_q"), (a2.to_out, "0")]:
             new += _swap(parent, name)
         new += _convert_ffn(blk.ffn)
     if compiled:

@@ -57,6 +57,18 @@ def test_scaled_mm_linear_equals_quantising_by_hand(dtype, gelu):
     assert torch.equal(out[0, 0], lin.bias.detach())  # 0 in, 0 after the GELU: the bias alone
 
 
+def test_the_float_weight_is_not_kept_alive():
+    import gc
+    import weakref
+
+    lin = _lin(64, 32)  # a Parameter that requires grad, as in a stage: no autograd graph may keep it
+    old = weakref.ref(lin.weight)
+    m = ScaledMMLinear.convert(lin)
+    del lin
+    gc.collect()
+    assert old() is None and m.weight_scale.grad_fn is None and not m.weight.requires_grad
+
+
 def test_against_the_float32_linear_the_error_is_e4m3_rounding():
     """e4m3 keeps 3 mantissa bits: rounding moves an element by up to 2**-4 of itself, RMS about 2.6 % over a
     binade. Both operands are rounded, so each product x_i w_i is off by about sqrt(2) * 2.6 % = 3.7 %. Summed over K
