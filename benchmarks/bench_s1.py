@@ -106,7 +106,7 @@ class Setup:
         a = self.args
         return shipped.start_pool(self.cfg, world, device=a.device, dtype=a.dtype, attention=a.attention,
                                   compile=a.compile, weights=a.weights, experts=a.experts, boundary=a.boundary,
-                                  in_flight=a.in_flight, timeout=a.timeout)
+                                  in_flight=a.in_flight, timeout=a.timeout, matmul=a.matmul)
 
     def plan(self, world: int, P: int, K: int) -> float:
         """The largest rank's planned GiB (dualparal_core.memplan), to set beside the measured peak."""
@@ -126,7 +126,8 @@ class Setup:
         latents = res.pop("_latents")
         if a.save_latents:  # to compare two runs' final latents (e.g. fa3_fp8 against fa3)
             Path(a.save_latents).mkdir(parents=True, exist_ok=True)
-            np.save(Path(a.save_latents) / f"{a.attention}_N{world}_T{frames}.npy", latents.numpy())
+            gemm = "_fp8gemm" if a.matmul == "fp8" else ""
+            np.save(Path(a.save_latents) / f"{a.attention}{gemm}_N{world}_T{frames}.npy", latents.numpy())
         per_item = self.item_flops(frames, P, K)
         row = dict(res, name=name, world=world, frames=frames, flops=sum(per_item),
                    tick_rate=steady_rate(res["ticks"], per_item) if BlockLayout(frames, P, K).num_blocks > 1 else None,
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"{args.dtype}, {args.height}x{args.width}, {args.steps} steps, cfg {args.cfg}, P={args.P} K={args.K}, "
           f"attention={args.attention}, sampler={args.sampler}, shipped path (WorkerPool; fused QKV), "
           f"compile={'product default' if args.compile is None else args.compile}, experts={args.experts} "
-          f"(boundary {args.boundary}, cfg_low {args.cfg_low}), weights={args.weights}")
+          f"(boundary {args.boundary}, cfg_low {args.cfg_low}), weights={args.weights}, matmul={args.matmul}")
     print(f"command: python {' '.join(sys.argv if argv is None else ['benchmarks/bench_s1.py', *argv])}")
     print(HEADER)
     print("|" + "---|" * HEADER.count(" | ") + "---|")
@@ -310,6 +311,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--cfg-low", type=float, default=None, help="cfg of the low-noise expert (default: --cfg)")
     ap.add_argument("--weights", choices=["dequant", "fp8"], default="dequant",
                     help="PoolSpec.weights (fp8: the blocks' Linear weights held in fp8, dequantised per layer)")
+    ap.add_argument("--matmul", choices=["bf16", "fp8"], default="bf16",
+                    help="PoolSpec.matmul (fp8: the blocks' GEMMs in e4m3 through torch._scaled_mm; GPUs of compute "
+                         "capability 8.9+, bf16)")
     ap.add_argument("--in-flight", type=int, default=None, help="PoolSpec.max_in_flight")
     ap.add_argument("--save-verify", default=None, help="save the --verify latents (one .npy per GPU count) here")
     ap.add_argument("--baseline", action="store_true",

@@ -2,12 +2,16 @@
 
     python benchmarks/profile_step.py                      # GPU: 1.3B shapes, S1's window, each backend installed
     python benchmarks/profile_step.py --device cpu --tiny  # a CPU smoke run of the same code
+    python benchmarks/profile_step.py --backends fa3 fa3_fp8 --matmul fp8   # + each backend with fp8 GEMMs
 
 The window is S1's steady block-step: K + P = 16 latent frames at 480x832 (24,960 tokens), the next-newer block's
 first K = 8 frames as right context (keys 37,440), batch 2 (CFG), keeping K frames' K/V for the older neighbour.
 Prints, per variant: the block-step's median time (CUDA events, after warm-up), its FLOP rate (formula of
 docs/performance.md), and the GPU time per kernel group (GEMM, attention, compiled elementwise, other elementwise,
-copies, norms) with the share of the wall time that no kernel covered (host overhead / launch gaps).
+copies, norms) with the share of the wall time that no kernel covered (host overhead / launch gaps), and the
+block-step output's relative error against the first variant ("err"). ``--matmul fp8`` adds, after every backend in
+bf16, each backend with the blocks' GEMMs in e4m3 (``PoolSpec.matmul="fp8"``, dualparal_core/fp8_gemm.py), with its
+error against the same backend in bf16 ("vs bf16"): the per-forward cost of the fp8 GEMMs alone.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ def block_step_flops(cfg: WanConfig, lq: int, lk: int, b: int, text: int = 512) 
     return cfg.num_layers * b * (lq * (12 * d * d + 4 * d * f) + 4 * lq * lk * d + 4 * lq * text * d)
 
 
-def build(args, backend: str) -> WanStage:
+def build(args, backend: str, matmul: str = "bf16") -> WanStage:
     cfg = WanConfig.tiny() if args.tiny else WanConfig.wan21_1_3b()
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -57,8 +61,14 @@ def build(args, backend: str) -> WanStage:
                   attention_backend=backend)
     st.init_random(0)
     st.fuse_qkv()
-    if dev.type == "cuda" and not args.no_compile:
+    compiled = dev.type == "cuda" and not args.no_compile
+    if compiled:
         st.compile_elementwise()
+    if matmul == "fp8":
+        from dualparal_core.fp8_gemm import ScaledMMLinear, install_scaled_mm
+
+        ScaledMMLinear.fast_accum = args.fast_accum
+        install_scaled_mm(st, dev, compiled=compiled)
     return st
 
 
@@ -138,6 +148,9 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--backends", nargs="+", default=None)
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--matmul", choices=["bf16", "fp8"], default="bf16",
+                   help="fp8: also run every backend with the blocks' GEMMs in e4m3 (torch._scaled_mm)")
+    p.add_argument("--fast-accum", action="store_true", help="the fp8 GEMMs with use_fast_accum (Hopper)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.backends is None:
@@ -145,21 +158,29 @@ def main() -> None:
 
         args.backends = ["sdpa"] + (["fa3"] if args.device != "cpu" and fa3_available() else [])
     rows = []
-    ref = None  # the first backend's output: every other backend's relative error against it
-    for backend in args.backends:
-        st = build(args, backend)
+    ref = None  # the first variant's output (on the host): every other variant's relative error against it
+    bf16_out = {}  # each backend's output with bf16 GEMMs: the fp8-GEMM variant's error against it
+    variants = [(b, "bf16") for b in args.backends] + [(b, "fp8") for b in args.backends if args.matmul == "fp8"]
+    for backend, matmul in variants:
+        st = build(args, backend, matmul)
         inp = inputs(st, args)
         fl = block_step_flops(st.config, inp[7], inp[8], 2)
         time_steps(st, inp, 2)  # warm-up: compiles, cuBLAS handles, FA3 module load
         ts = time_steps(st, inp, args.reps)
         med = statistics.median(ts)
-        out = run_once(st, inp)[0].float()
+        out = run_once(st, inp)[0].float().cpu()
         ref = out if ref is None else ref
         err = ((out - ref).norm() / ref.norm()).item()
+        if matmul == "bf16":
+            bf16_out[backend] = out
+        base = bf16_out[backend]
+        err_bf16 = ((out - base).norm() / base.norm()).item() if matmul == "fp8" else None
         del out
         groups, wall, top = profile_groups(st, inp)
         busy = sum(groups.values())
-        row = {"backend": backend, "median_s": med, "spread_s": max(ts) - min(ts), "tflops": fl / med / 1e12,
+        label = backend + ("+fp8gemm" + ("(fast)" if args.fast_accum else "") if matmul == "fp8" else "")
+        row = {"backend": label, "attention": backend, "matmul": matmul, "err_vs_bf16_gemm": err_bf16,
+               "median_s": med, "spread_s": max(ts) - min(ts), "tflops": fl / med / 1e12,
                "flops": fl, "profiled_wall_s": wall, "kernel_s": busy, "groups_s": groups, "top_kernels_s": top,
                "err_vs_first": err,
                "peak_gib": torch.cuda.max_memory_allocated(st.device) / 2**30 if st.device.type == "cuda" else 0}
@@ -170,13 +191,14 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
     print(f"\nblock-step: q {inp_tokens(args)} tokens, batch 2, device "
           f"{torch.cuda.get_device_name() if args.device != 'cpu' else 'cpu'}")
-    print(f"{'backend':8} {'median s':>9} {'spread':>7} {'TFLOP/s':>8} {'peak GiB':>8} {'err':>8}  kernel time by "
-          f"group (ms)")
+    print(f"{'variant':16} {'median s':>9} {'spread':>7} {'TFLOP/s':>8} {'peak GiB':>8} {'err':>8} {'vs bf16':>8}  "
+          f"kernel time by group (ms)")
     for r in rows:
         gs = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in sorted(r["groups_s"].items(), key=lambda kv: -kv[1]))
         gap = r["profiled_wall_s"] - r["kernel_s"]
-        print(f"{r['backend']:8} {r['median_s']:9.4f} {r['spread_s']:7.4f} {r['tflops']:8.1f} {r['peak_gib']:8.2f}"
-              f" {r['err_vs_first']:8.1e}"
+        vs = "-" if r["err_vs_bf16_gemm"] is None else f"{r['err_vs_bf16_gemm']:.1e}"
+        print(f"{r['backend']:16} {r['median_s']:9.4f} {r['spread_s']:7.4f} {r['tflops']:8.1f} {r['peak_gib']:8.2f}"
+              f" {r['err_vs_first']:8.1e} {vs:>8}"
               f"  {gs}; not covered by kernels {gap * 1e3:.1f} (profiled wall {r['profiled_wall_s'] * 1e3:.1f})")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

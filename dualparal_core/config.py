@@ -19,6 +19,7 @@ NOISE_MODES: tuple[str, ...] = ("coordinated", "independent")
 DTYPES: tuple[str, ...] = ("bf16", "fp16", "fp32")
 #: How fp8 weights are held in memory: dequantised at load, or kept in fp8 and dequantised per layer on the fly.
 WEIGHT_MODES: tuple[str, ...] = ("dequant", "fp8")
+MATMUL_MODES: tuple[str, ...] = ("bf16", "fp8")  # the blocks' GEMMs: compute dtype, or e4m3 (fp8_gemm.py)
 #: Which expert of a Wan2.2 A14B pair a LoRA is merged into.
 LORA_EXPERTS: tuple[str, ...] = ("both", "high", "low")
 #: Attention backends a user may pick ("auto": FlashAttention-3 on a Hopper GPU in bf16 when ``fa3-fwd`` is
@@ -297,7 +298,6 @@ class Timeouts:
             changes[name] = value
         return replace(base, **changes)
 
-
 @dataclass(frozen=True)
 class ModelSource:
     """Where a worker reads its weights: checkpoint file(s) on disk, or a tiny random model built from a seed."""
@@ -347,7 +347,6 @@ class ModelSource:
         want = ("both", "high") if expert == 0 else ("both", "low")
         return [e for e in self.loras if (str(e[2]).lower() if len(e) > 2 else "both") in want]
 
-
 @dataclass(frozen=True)
 class PoolSpec:
     """What a worker group runs: the model, the devices (one rank each), the compute dtype and attention backend."""
@@ -369,6 +368,8 @@ class PoolSpec:
     """"dequant": weights are held in the compute dtype (fp8 files dequantised at load). "fp8": the transformer
     blocks' Linear weights are held in fp8 with a float32 scale (fp8 files as stored, others quantised at load)
     and dequantised layer by layer in the forward: about half the weight memory of bf16."""
+    matmul: str = "bf16"
+    """"fp8" (opt-in; bf16 on GPUs of compute capability 8.9+): the blocks' big GEMMs in e4m3 (fp8_gemm.py)."""
 
     def __post_init__(self) -> None:
         if not self.devices:
@@ -381,10 +382,10 @@ class PoolSpec:
         """Every field but the files (check_spec reads those): again for a spec that skipped __post_init__
         (unpickled, or changed in place), before any pool is stopped or started."""
         parse_devices(self.devices, attach=False)
-        for name, value, allowed in (("dtype", self.dtype, DTYPES), ("weights", self.weights, WEIGHT_MODES),
-                                     ("attention", self.attention, ATTENTION_BACKENDS)):
-            if value not in allowed:
-                raise ValueError(f"{name}={value!r} is not supported; choose one of {list(allowed)}.")
+        for name, allowed in (("dtype", DTYPES), ("weights", WEIGHT_MODES), ("attention", ATTENTION_BACKENDS),
+                              ("matmul", MATMUL_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not supported; choose one of {list(allowed)}.")
         m = self.max_in_flight
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise ValueError(f"max_in_flight={m!r} must be a whole number of block-steps >= 1, or None (the number "

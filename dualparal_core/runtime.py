@@ -76,6 +76,10 @@ def check_spec(spec: PoolSpec, env: dict[str, str]) -> tuple[PoolSpec, WanConfig
     from .attention import check_backend
 
     check_backend(spec.attention)  # a missing FlashAttention-3 is named here, before any worker starts
+    if spec.matmul == "fp8":
+        from .fp8_gemm import check_request
+
+        check_request(devices, spec.dtype)
     if devices[0].startswith("cuda"):
         check_visible(devices, _count_cuda(env), shown=repr(list(spec.devices)), seen_by="the workers see",
                       cuda_visible=env.get("CUDA_VISIBLE_DEVICES"))
@@ -131,7 +135,7 @@ def build_stage(spec: PoolSpec, rank: int, device: str | torch.device | None = N
 
 def _build_expert(spec: PoolSpec, src: ModelSource, expert: int, config: WanConfig, layers: range,
                   dev: torch.device, backend: str):
-    """One expert's stage of ``layers`` on ``dev``, with its LoRAs merged (and fp8 Linears when asked)."""
+    """One expert's stage of ``layers`` on ``dev``, with its LoRAs merged (and fp8 Linears / GEMMs when asked)."""
     from . import fp8 as f8
     from .model import WanStage
 
@@ -164,8 +168,13 @@ def _build_expert(spec: PoolSpec, src: ModelSource, expert: int, config: WanConf
     del sd
     stage.eval()
     stage.fuse_qkv()  # after LoRAs are merged: one GEMM for q, k and v
-    if wants_compile(spec, dev):
+    compiled = wants_compile(spec, dev)
+    if compiled:
         stage.compile_elementwise()
+    if spec.matmul == "fp8":  # last: quantised from the final (merged, fused) weights
+        from .fp8_gemm import install_scaled_mm
+
+        install_scaled_mm(stage, dev, compiled=compiled)
     return stage
 
 

@@ -87,6 +87,7 @@ BAD = [
     (["--attention", "flash9"], "--attention='flash9'"),
     (["--reference", "/nonexistent/DualParal"], "--reference='/nonexistent/DualParal'"),
     (["--json", "/tmp"], "--json='/tmp'"),
+    (["--attention", "sdpa", "sdpa_math", "--matmul", "bf16", "fp8", "fp8"], "--matmul='bf16 fp8 fp8'"),
 ]
 
 
@@ -204,3 +205,29 @@ def test_a_failed_or_late_peer_becomes_a_row_that_says_why(tmp_path):
     assert merge([ok[0], dict(error="RuntimeError: boom")], False, 9, log)["error"].startswith("RuntimeError: boom")
     assert "without a result" in merge([ok[0], None], False, 9, log)["error"]
     assert merge(ok, True, 9, log)["error"].startswith("timed out after 9 s")
+
+
+def test_fp8_gemms_are_a_row_of_their_own_compared_with_the_first(tmp_path, capsys, no_leftover_workers):
+    out = tmp_path / "rows.json"
+    code = main(["bench", "--model", "tiny", "--devices", "cpu", "--frames", "6", "--steps", "2", "--height", "32",
+                 "--width", "32", "--num-per-block", "2", "--num-cat", "1", "--attention", "sdpa", "sdpa_math",
+                 "--matmul", "bf16", "fp8", "--no-baseline", "--json", str(out)])  # paired up: two rows
+    text = capsys.readouterr().out
+    assert code == 0, text
+    rows = {r["kind"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"ours", "ours-sdpa_math-fp8-GEMM"} and rows["ours"]["matmul"] == "bf16"
+    fp8 = rows["ours-sdpa_math-fp8-GEMM"]
+    # the same job with every block GEMM's operands rounded to e4m3 (~3.6 % per GEMM output, tests/test_fp8_gemm.py;
+    # the residual stream carries most of the signal; sdpa_math alone moves it by ~1e-7): the latents move, far
+    # less than another model would (measured 1.1e-3)
+    assert fp8["matmul"] == "fp8" and fp8["attention"] == "sdpa_math" and 1e-5 < fp8["latent_rel_err"] < 1e-2
+    assert "ours N=1 sdpa_math fp8 GEMM" in text and "final latents' relative error against ours" in text
+
+
+def test_fp8_gemms_on_a_gpu_in_fp16_are_refused_before_anything_starts(monkeypatch, capsys):
+    monkeypatch.setattr("dualparal_core.headless.checks.cli_devices", lambda text: ("cuda:0",))
+    monkeypatch.setattr("dualparal_core.pool.WorkerPool.start", lambda *a, **kw: pytest.fail("a pool was started"))
+    assert main(["bench", "--model", "tiny", "--devices", "0", "--dtype", "fp16", "--matmul", "bf16", "fp8",
+                 "--no-baseline"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--matmul='fp8'" in err and "--dtype bf16" in err, err

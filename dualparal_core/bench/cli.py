@@ -46,6 +46,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         f"compared with the first (time, peak, final latents' relative error)")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                    help="compute dtype (default: bf16 on GPUs, fp32 on CPU ranks)")
+    p.add_argument("--matmul", nargs="+", default=["bf16"], choices=["bf16", "fp8"],
+                   help="the blocks' GEMMs (PoolSpec.matmul; fp8: e4m3 through torch._scaled_mm, GPUs of compute "
+                        "capability 8.9+, bf16): one value for every row, or one per --attention entry, paired up "
+                        "(--attention fa3 fa3_fp8 fa3_fp8 --matmul bf16 bf16 fp8); one backend gets a row per value")
     p.add_argument("--fp8", action="store_true", help="add a row of the first --attention with the blocks' Linear "
                                                       "weights held in fp8 (PoolSpec.weights='fp8')")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -182,5 +186,11 @@ def check(args: argparse.Namespace) -> BenchPlan:
     _attention(args, devices[0].startswith("cuda"))
     ulysses, ref = _peers(args, devices)
     dtype = args.dtype or ("bf16" if devices[0].startswith("cuda") else "fp32")
+    if len(args.matmul) > 1 and len(args.attention) > 1 and len(args.matmul) != len(args.attention):
+        raise FlagError("--matmul", " ".join(args.matmul), f"give one value, or one per --attention entry "
+                                                            f"({len(args.attention)}: they pair up into rows)")
+    if "fp8" in args.matmul and devices[0].startswith("cuda") and dtype != "bf16":
+        raise FlagError("--matmul", "fp8", f"runs in bf16 on GPUs (torch._scaled_mm's row-wise kernels write bf16); "
+                                           f"--dtype={dtype!r}: drop --dtype or pass --dtype bf16")
     return BenchPlan(devices=devices, dtype=dtype, config=config, ulysses=ulysses, json=_json_path(args.json),
                      reference=ref)

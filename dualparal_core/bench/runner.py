@@ -53,30 +53,33 @@ class Bench:
         meta = dict(device=device, date=self.stamp, argv=sys.argv, model=a.model, config=dataclasses.asdict(self.plan.config),
                     devices=list(self.plan.devices), dtype=self.plan.dtype, height=a.height, width=a.width,
                     steps=a.steps, cfg=a.cfg, shift=a.shift, sampler=a.sampler, P=a.num_per_block, K=a.num_cat,
-                    attention=a.attention, fp8=a.fp8, compile=a.compile)
+                    attention=a.attention, matmul=a.matmul, fp8=a.fp8, compile=a.compile)
         self.plan.json.parent.mkdir(parents=True, exist_ok=True)
         self.plan.json.write_text(json.dumps(dict(meta, rows=self.rows), indent=1))
 
     # ---------------------------------------------------------------- ours
     def ours(self) -> None:
-        """Our rows: one pool per variant, every length on it. The variants: each ``--attention`` backend, then
-        (``--fp8``) the first backend with fp8 weights; the first variant is "ours", the others are compared to it."""
+        """Our rows: one pool per variant, every length on it. The variants: ``--attention`` and ``--matmul`` paired
+        up (a single value goes with each of the other list's), then (``--fp8``) the first pair with fp8 weights; the
+        first variant is "ours", the others are compared to it."""
         a = self.args
-        variants = [(att, "dequant") for att in a.attention] + ([(a.attention[0], "fp8")] if a.fp8 else [])
-        for i, (att, weights) in enumerate(variants):
-            self._ours_pool(att, weights, first=i == 0)
+        n = max(len(a.attention), len(a.matmul))
+        pairs = [(a.attention[min(i, len(a.attention) - 1)], a.matmul[min(i, len(a.matmul) - 1)]) for i in range(n)]
+        variants = [(att, "dequant", mm) for att, mm in pairs] + ([(pairs[0][0], "fp8", pairs[0][1])] if a.fp8 else [])
+        for i, (att, weights, mm) in enumerate(dict.fromkeys(variants)):
+            self._ours_pool(att, weights, mm, first=i == 0)
 
-    def _ours_pool(self, attention: str, weights: str, first: bool) -> None:
+    def _ours_pool(self, attention: str, weights: str, matmul: str, first: bool) -> None:
         from dualparal_core.bench import ours as engine
 
         a, p = self.args, self.plan
-        tag = "" if first and len(a.attention) == 1 else f" {attention}"
-        tag += " fp8 weights" if weights == "fp8" else ""
+        tag = "" if first and len(set(a.attention)) == 1 else f" {attention}"
+        tag += (" fp8 weights" if weights == "fp8" else "") + (" fp8 GEMM" if matmul == "fp8" else "")
         base = dict(kind="ours" if first else f"ours{tag.replace(' ', '-')}", name=f"ours N={len(p.devices)}{tag}",
-                    gpus=len(p.devices), weights=weights, attention=attention)
+                    gpus=len(p.devices), weights=weights, attention=attention, matmul=matmul)
         try:
             pool = engine.start_pool(p.config, p.devices, dtype=p.dtype, attention=attention, compile=a.compile,
-                                     weights=weights, timeout=a.timeout)
+                                     weights=weights, matmul=matmul, timeout=a.timeout)
         except Exception as e:
             for f in a.frames:
                 self.add(dict(base, frames=f, error=f"pool did not start: {type(e).__name__}: {e}"[:300]),
