@@ -19,8 +19,8 @@
 #   bash benchmarks/gpu_tables.sh bench-s1  # python -m dualparal_core bench: S1 on GPU 0 + full-sequence baselines
 #   bash benchmarks/gpu_tables.sh bench-len # the same bench, 72 and 257 latent frames (1,025 video frames), ours only
 #   bash benchmarks/gpu_tables.sh bench-fp8 # the same bench, S1 with fa3 and fa3_fp8, the fp8 latents' error
-#   bash benchmarks/gpu_tables.sh n1-table  # one GPU: block-step profile (fa3, fa3_fp8), then the bench: S1 with
-#                                           # fa3 and fa3_fp8 + full-sequence diffusers SDPA and FA3 (issue 15)
+#   bash benchmarks/gpu_tables.sh n1-table  # one GPU, the bench: S1 with fa3, fa3_fp8, fa3_fp8 + fp8 GEMMs, and
+#                                           # full-sequence diffusers SDPA and FA3 (issue 15)
 #   bash benchmarks/gpu_tables.sh n1-i2v    # one GPU: prompt timeline vs one prompt (1.3B, issue 18), then Wan2.1
 #                                           # T2V 14B and I2V 14B shapes, 32 latent frames x 4 steps, extrapolated
 #                                           # to 257 latent frames x 10 steps (issue 17); WITH_PROF=1: then
@@ -110,18 +110,18 @@ n1-extra)  # the same-run references of n1-speed: the block-step before the kern
     [ -d .old ] && (cd .old && step prof_old 100 "$PY" benchmarks/profile_step.py --backends fa3 --json "$OUT/prof_old.json")
     step diff 150 $S1 --world --diffusers-baseline --frames 72 --timeout 140 --json "$OUT/diff.json"
     for f in "$OUT"/prof_old.log "$OUT"/diff.log; do tail -4 "$f"; done ;;
-n1-table)
-    step prof 125 "$PY" benchmarks/profile_step.py --backends fa3 fa3_fp8 --json "$OUT/prof.json"
-    step bench_s1 430 $B --frames 72 --attention ${FA:-sdpa} ${FA:+fa3_fp8} --baseline-attention sdpa $FA \
-        --baseline-steps 3 --timeout 170 --json "$OUT/bench_s1.json"
-    tail -5 "$OUT/prof.log"; tail -22 "$OUT/bench_s1.log" ;;
+n1-table)  # the block-step profile is n1-i2v's WITH_PROF step
+    step bench_s1 570 $B --frames 72 --attention ${FA:-sdpa} ${FA:+fa3_fp8 fa3_fp8} --matmul bf16 ${FA:+bf16 fp8} \
+        --baseline-attention sdpa $FA --baseline-steps 3 --timeout 170 --json "$OUT/bench_s1.json"
+    tail -24 "$OUT/bench_s1.log" ;;
 n1-i2v)
     step timeline 140 "$PY" benchmarks/timeline_cost.py --attention ${FA:-sdpa} --json "$OUT/timeline.json"
     for v in t2v i2v; do
         step "${v}14" 210 $S1 --model 14b --world 1 --frames 32 --steps 4 --attention ${FA:-sdpa} \
             --extrapolate 257 --extrapolate-steps 10 --timeout 200 --json "$OUT/${v}14.json" $([ $v = i2v ] && echo --i2v)
     done
-    [ -n "${WITH_PROF:-}" ] && step prof 125 "$PY" benchmarks/profile_step.py --backends fa3 fa3_fp8 --json "$OUT/prof.json"
+    [ -n "${WITH_PROF:-}" ] && step prof 170 "$PY" benchmarks/profile_step.py --backends fa3 fa3_fp8 --matmul fp8 \
+        --json "$OUT/prof.json"
     tail -3 "$OUT/timeline.log"; for v in t2v i2v; do tail -6 "$OUT/${v}14.log"; done; tail -5 "$OUT/prof.log" ;;
 n1-len)
     [ -d .old ] && (cd .old && step prof_old 100 "$PY" benchmarks/profile_step.py --backends fa3 --json "$OUT/prof_old.json")
