@@ -106,7 +106,8 @@ class Setup:
         a = self.args
         return shipped.start_pool(self.cfg, world, device=a.device, dtype=a.dtype, attention=a.attention,
                                   compile=a.compile, weights=a.weights, experts=a.experts, boundary=a.boundary,
-                                  in_flight=a.in_flight, timeout=a.timeout, matmul=a.matmul)
+                                  in_flight=a.in_flight, timeout=a.timeout, matmul=a.matmul,
+                                  kv_cache=a.kv_cache)
 
     def plan(self, world: int, P: int, K: int) -> float:
         """The largest rank's planned GiB (dualparal_core.memplan), to set beside the measured peak."""
@@ -116,7 +117,7 @@ class Setup:
         batches = (self.b,) if a.experts == 1 else (self.b, self.b_low)
         return max(plan_rank(self.cfg, layers, embed=r == 0, head=r == world - 1, dtype=a.dtype,
                              fp8=a.weights == "fp8", experts=a.experts, batches=batches, frames_p=P, frames_k=K,
-                             tpf=self.tpf).gib()["total"]
+                             tpf=self.tpf, kv_cache=a.kv_cache).gib()["total"]
                    for r, layers in enumerate(split_layers(self.cfg.num_layers, world)))
 
     def measure(self, pool, name: str, world: int, frames: int, P: int, K: int) -> dict:
@@ -311,6 +312,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--cfg-low", type=float, default=None, help="cfg of the low-noise expert (default: --cfg)")
     ap.add_argument("--weights", choices=["dequant", "fp8"], default="dequant",
                     help="PoolSpec.weights (fp8: the blocks' Linear weights held in fp8, dequantised per layer)")
+    ap.add_argument("--kv-cache", choices=["exact", "fp8"], default="exact",
+                    help="PoolSpec.kv_cache (fp8: the right-context K/V kept in e4m3, a scale per token)")
     ap.add_argument("--matmul", choices=["bf16", "fp8"], default="bf16",
                     help="PoolSpec.matmul (fp8: the blocks' GEMMs in e4m3 through torch._scaled_mm; GPUs of compute "
                          "capability 8.9+, bf16)")

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from .devices import AUTO_CPU_RANKS, DEVICE_FORMS, check_visible, parse_devices  # noqa: F401 - the grammar's home
+from .timeouts import TIMEOUT_ENV, Timeouts  # noqa: F401 - their own module; imported from here too
 
 #: Samplers the engine implements, named as ComfyUI's KSampler names them.
 SAMPLER_NAMES: tuple[str, ...] = ("euler", "uni_pc", "uni_pc_bh2", "dpmpp_2m")
@@ -19,7 +20,10 @@ NOISE_MODES: tuple[str, ...] = ("coordinated", "independent")
 DTYPES: tuple[str, ...] = ("bf16", "fp16", "fp32")
 #: How fp8 weights are held in memory: dequantised at load, or kept in fp8 and dequantised per layer on the fly.
 WEIGHT_MODES: tuple[str, ...] = ("dequant", "fp8")
-MATMUL_MODES: tuple[str, ...] = ("bf16", "fp8")  # the blocks' GEMMs: compute dtype, or e4m3 (fp8_gemm.py)
+#: The blocks' GEMMs: in the compute dtype, or in e4m3 (fp8_gemm.py).
+MATMUL_MODES: tuple[str, ...] = ("bf16", "fp8")
+#: How each block keeps the right-context K/V its older neighbour reads: in the compute dtype, or in e4m3 (kvcache.py).
+KV_CACHE_MODES: tuple[str, ...] = ("exact", "fp8")
 #: Which expert of a Wan2.2 A14B pair a LoRA is merged into.
 LORA_EXPERTS: tuple[str, ...] = ("both", "high", "low")
 #: Attention backends a user may pick ("auto": FlashAttention-3 on a Hopper GPU in bf16 when ``fa3-fwd`` is
@@ -237,67 +241,6 @@ class SamplingConfig:
         return replace(self, **kw)
 
 
-#: The documented environment variables of the timeouts a user may need to raise (seconds), by field.
-TIMEOUT_ENV: dict[str, str] = {"startup": "DUALPARAL_STARTUP_TIMEOUT", "step": "DUALPARAL_STEP_TIMEOUT",
-                               "heartbeat": "DUALPARAL_HEARTBEAT"}
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """Every timing constant of the worker group, in seconds (one place: the parent and the ranks read these)."""
-
-    startup: float = 600.0
-    """From spawn until every rank has loaded its weights and reported ready; env DUALPARAL_STARTUP_TIMEOUT."""
-    step: float = 300.0
-    """Longest silence allowed from a busy, alive group (no progress event) before it is declared hung; env
-    DUALPARAL_STEP_TIMEOUT. A frozen rank (no heartbeat) is named sooner, after ``stale_after``."""
-    close_grace: float = 5.0
-    """After SIGTERM, how long to wait before SIGKILL."""
-    heartbeat: float = 2.0
-    """Between a busy rank's heartbeats (rank 0 to the parent, the others into the store); env DUALPARAL_HEARTBEAT."""
-    poll: float = 0.05
-    """How often every blocking wait of the parent checks children, messages and its abort/cancel callbacks."""
-    fault_window: float = 1.5
-    """After the first sign of a fault, how long to gather the other ranks' reports before naming a root cause."""
-    keepalive: float = 30.0
-    """While idle, rank 0 broadcasts a no-op at least this often (the control group's collectives time out)."""
-    monitor: float = 0.2
-    """How often rank 0's fault monitor reads the store and its host's rank pids."""
-    connect: float = 10.0
-    """Bound on a TCP connect and on the authentication handshake (a firewall dropping packets, a foreign port)."""
-    control: float = 6 * 3600.0
-    """Timeout of the control group's collectives: the longest a rank may wait for the next op."""
-    cancel_grace: float = 1.0
-    """After a cancel, how long beyond one block-step (the longest seen in the job) the ranks get to stop; then a
-    local pool is torn down and an attached group detached (a rank that does not answer must not hold the queue)."""
-    abort_grace: float = 0.3
-    """Tearing down ranks that did not answer a cancel: SIGTERM to SIGKILL (nothing is left to save)."""
-
-    @property
-    def stale_after(self) -> float:
-        """No heartbeat for this long: the process is frozen (SIGSTOP, a GIL-holding native call) or cut off."""
-        return 3 * self.heartbeat + 1.0
-
-    @classmethod
-    def from_env(cls, env, base: Timeouts | None = None) -> Timeouts:
-        """``base`` (default: the defaults) with the TIMEOUT_ENV variables of ``env`` applied to the fields that
-        ``base`` leaves at their default (what a caller set explicitly wins). The one place they are read."""
-        base = base or cls()
-        changes = {}
-        for name, var in TIMEOUT_ENV.items():
-            raw = str(env.get(var) or "").strip()
-            if not raw or getattr(base, name) != getattr(cls, name):
-                continue
-            try:
-                value = float(raw)
-            except ValueError:
-                value = math.nan
-            if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{var}={raw!r} must be a positive number of seconds (default "
-                                 f"{getattr(cls, name):g}).")
-            changes[name] = value
-        return replace(base, **changes)
-
 @dataclass(frozen=True)
 class ModelSource:
     """Where a worker reads its weights: checkpoint file(s) on disk, or a tiny random model built from a seed."""
@@ -347,6 +290,7 @@ class ModelSource:
         want = ("both", "high") if expert == 0 else ("both", "low")
         return [e for e in self.loras if (str(e[2]).lower() if len(e) > 2 else "both") in want]
 
+
 @dataclass(frozen=True)
 class PoolSpec:
     """What a worker group runs: the model, the devices (one rank each), the compute dtype and attention backend."""
@@ -370,6 +314,9 @@ class PoolSpec:
     and dequantised layer by layer in the forward: about half the weight memory of bf16."""
     matmul: str = "bf16"
     """"fp8" (opt-in; bf16 on GPUs of compute capability 8.9+): the blocks' big GEMMs in e4m3 (fp8_gemm.py)."""
+    kv_cache: str = "exact"
+    """"exact": the right-context K/V a block keeps for its older neighbour stay in the compute dtype. "fp8"
+    (opt-in): held in e4m3 with one scale per token, half the bytes of the largest item of memory (kvcache.py)."""
 
     def __post_init__(self) -> None:
         if not self.devices:
@@ -383,7 +330,7 @@ class PoolSpec:
         (unpickled, or changed in place), before any pool is stopped or started."""
         parse_devices(self.devices, attach=False)
         for name, allowed in (("dtype", DTYPES), ("weights", WEIGHT_MODES), ("attention", ATTENTION_BACKENDS),
-                              ("matmul", MATMUL_MODES)):
+                              ("matmul", MATMUL_MODES), ("kv_cache", KV_CACHE_MODES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not supported; choose one of {list(allowed)}.")
         m = self.max_in_flight

@@ -76,16 +76,17 @@ class RankPlan:
 
 def plan_rank(config: WanConfig, layers: range, *, embed: bool, head: bool, dtype: str = "bf16",
               fp8: bool = False, experts: int = 1, batches: tuple[int, ...] = (2,), frames_p: int = 8,
-              frames_k: int = 8, tpf: int | None = None) -> RankPlan:
+              frames_k: int = 8, tpf: int | None = None, kv_cache: str = "exact") -> RankPlan:
     """Plan one rank. ``batches``: the batch of each expert used (2 with CFG, 1 at cfg 1); the peak terms take
-    the largest. ``frames_p``/``frames_k``: P and K; ``tpf``: tokens per latent frame (default 480x832)."""
+    the largest. ``frames_p``/``frames_k``: P and K; ``tpf``: tokens per latent frame (default 480x832);
+    ``kv_cache``: PoolSpec.kv_cache ("fp8": one byte per value and a float32 scale per token)."""
     tpf = tokens_per_frame(config) if tpf is None else tpf
     es, d, n = DTYPE_BYTES[dtype], config.dim, len(layers)
     b = max(batches)
     w = experts * weight_bytes(config, layers, embed=embed, head=head, dtype=dtype, fp8=fp8)
     tokens = TEXT_TOKENS + ((config.image_pos_len or 257) if config.image_dim is not None else 0)  # + CLIP-vision
     text = sum(2 * bb * tokens * d * es * n for bb in batches)
-    cache = frames_k * tpf * d * 2 * b * n * es
+    cache = frames_k * tpf * 2 * b * n * ((d + 4) if kv_cache == "fp8" else d * es)
     unit = b * (frames_p + frames_k) * tpf * d  # elements of one window's hidden states
     act = unit * (ACT_BASE + ACT_PER_BYTE * es)
     if fp8:  # Fp8Linear's transient: the biggest weight (the fused q/k/v or an FFN matrix) in float32 and dtype

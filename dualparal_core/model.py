@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kvcache
 from .attention import attention, cross_backend
 from .conditioning import cross_attend, image_kv, project_kv
 from .config import ATTENTION_BACKENDS, WanConfig
@@ -141,6 +142,8 @@ class WanStage(nn.Module):
 
     Every stage holds the time and text embedders (small) and computes them itself, so only hidden states travel.
     """
+
+    kv_keep = staticmethod(kvcache.keep_exact)  # how the right-context K/V are kept (PoolSpec.kv_cache)
 
     def __init__(self, config: WanConfig, layers: range, *, embed: bool, head: bool,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -308,11 +311,11 @@ class WanStage(nn.Module):
         saved = None
         if keep is not None:
             s, n = keep
-            saved = (k[:, s:s + n].contiguous(), v[:, s:s + n].contiguous())
+            saved = self.kv_keep(k[:, s:s + n], v[:, s:s + n])
         rk = None
         if right is not None:
-            rk = right[0]
-            v = torch.cat([v, right[1]], dim=1)
+            rk, rv = kvcache.load(right, v.dtype)
+            v = torch.cat([v, rv], dim=1)
         lk = v.shape[1]
         q = ew["rope_qk"](q, a.norm_q.weight, a.norm_q.eps, a.heads, cos[:, :L], sin[:, :L])
         k = ew["rope_qk"](k, a.norm_k.weight, a.norm_k.eps, a.heads, cos[:, :lk], sin[:, :lk], rk)

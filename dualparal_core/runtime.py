@@ -16,6 +16,7 @@ import torch
 from . import logger
 from .config import ModelSource, PoolSpec, WanConfig, check_visible, parse_devices, split_layers
 from .files import check_source, inspect_checkpoint, inspect_lora
+from .kvcache import KEEPERS
 
 #: PoolSpec.dtype -> torch dtype.
 TORCH_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -168,6 +169,7 @@ def _build_expert(spec: PoolSpec, src: ModelSource, expert: int, config: WanConf
     del sd
     stage.eval()
     stage.fuse_qkv()  # after LoRAs are merged: one GEMM for q, k and v
+    stage.kv_keep = KEEPERS[spec.kv_cache]  # the right-context K/V as computed, or in e4m3 (kvcache.py)
     compiled = wants_compile(spec, dev)
     if compiled:
         stage.compile_elementwise()

@@ -28,7 +28,8 @@ def safe_env() -> None:
 
 def start_pool(config: WanConfig, devices: tuple[str, ...], *, dtype: str = "bf16", attention: str = "sdpa",
                compile: bool | None = None, weights: str = "dequant", experts: int = 1, boundary: float = 0.875,
-               in_flight: int | None = None, timeout: float = 900.0, env: dict | None = None, matmul: str = "bf16"):
+               in_flight: int | None = None, timeout: float = 900.0, env: dict | None = None, matmul: str = "bf16",
+               kv_cache: str = "exact"):
     """A pool of random weights (seed 0; the low-noise expert seed 1) with profiling on."""
     from dualparal_core.pool import WorkerPool
 
@@ -36,7 +37,7 @@ def start_pool(config: WanConfig, devices: tuple[str, ...], *, dtype: str = "bf1
     src = ModelSource(random_config=config, random_seed=0, random_low_seed=1 if experts == 2 else None,
                       boundary=boundary)
     spec = PoolSpec(src, devices=tuple(devices), dtype=dtype, attention=attention, max_in_flight=in_flight,
-                    compile=compile, weights=weights, matmul=matmul)
+                    compile=compile, weights=weights, matmul=matmul, kv_cache=kv_cache)
     env = {**SAFE_ENV, "DUALPARAL_PROFILE": "1", **(env or {})}
     # a first block-step that compiles its kernels sends no progress for a while: allow it the whole timeout
     return WorkerPool.start(spec, Timeouts(startup=timeout, step=timeout), env=env)

@@ -65,21 +65,24 @@ class Bench:
         a = self.args
         n = max(len(a.attention), len(a.matmul))
         pairs = [(a.attention[min(i, len(a.attention) - 1)], a.matmul[min(i, len(a.matmul) - 1)]) for i in range(n)]
-        variants = [(att, "dequant", mm) for att, mm in pairs] + ([(pairs[0][0], "fp8", pairs[0][1])] if a.fp8 else [])
-        for i, (att, weights, mm) in enumerate(dict.fromkeys(variants)):
-            self._ours_pool(att, weights, mm, first=i == 0)
+        variants = [(att, "dequant", mm, "exact") for att, mm in pairs]
+        variants += [(pairs[0][0], "fp8", pairs[0][1], "exact")] if a.fp8 else []
+        variants += [(pairs[0][0], "dequant", pairs[0][1], "fp8")] if a.kv_cache_fp8 else []
+        for i, (att, weights, mm, kv) in enumerate(dict.fromkeys(variants)):
+            self._ours_pool(att, weights, mm, kv, first=i == 0)
 
-    def _ours_pool(self, attention: str, weights: str, matmul: str, first: bool) -> None:
+    def _ours_pool(self, attention: str, weights: str, matmul: str, kv_cache: str, first: bool) -> None:
         from dualparal_core.bench import ours as engine
 
         a, p = self.args, self.plan
         tag = "" if first and len(set(a.attention)) == 1 else f" {attention}"
         tag += (" fp8 weights" if weights == "fp8" else "") + (" fp8 GEMM" if matmul == "fp8" else "")
+        tag += " fp8 K/V cache" if kv_cache == "fp8" else ""
         base = dict(kind="ours" if first else f"ours{tag.replace(' ', '-')}", name=f"ours N={len(p.devices)}{tag}",
-                    gpus=len(p.devices), weights=weights, attention=attention, matmul=matmul)
+                    gpus=len(p.devices), weights=weights, attention=attention, matmul=matmul, kv_cache=kv_cache)
         try:
             pool = engine.start_pool(p.config, p.devices, dtype=p.dtype, attention=attention, compile=a.compile,
-                                     weights=weights, matmul=matmul, timeout=a.timeout)
+                                     weights=weights, matmul=matmul, kv_cache=kv_cache, timeout=a.timeout)
         except Exception as e:
             for f in a.frames:
                 self.add(dict(base, frames=f, error=f"pool did not start: {type(e).__name__}: {e}"[:300]),

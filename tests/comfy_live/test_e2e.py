@@ -106,7 +106,7 @@ def test_nodes_registered_with_tooltips(server):
     assert info["DualParalSampler"]["input_order"]["optional"] == ["sigmas", "cfg_low", "transition"]
     assert info["DualParalLoader"]["input_order"] == {
         "required": ["unet_name", "devices", "dtype", "attention", "keep_alive"],
-        "optional": ["loras", "low_noise_unet_name", "boundary", "weights"]}
+        "optional": ["loras", "low_noise_unet_name", "boundary", "weights", "kv_cache"]}
     assert info["DualParalLoRA"]["input_order"] == {"required": ["lora_name", "strength"],
                                                     "optional": ["previous", "expert"]}
     assert MODEL_13B in info["DualParalLoader"]["input"]["required"]["unet_name"][1]["options"]
@@ -156,6 +156,21 @@ def test_matches_ksampler_and_flows_into_vae_decode(server):
     assert (server.base / "out" / webp["subfolder"] / webp["filename"]).stat().st_size > 0
     progress = [m for m in server.ws.of_type("progress", pid) if m["node"] == "9"]
     assert progress and progress[-1]["value"] == progress[-1]["max"] == 8  # 2 videos x 1 block x 4 steps
+
+
+def test_kv_cache_fp8_runs_and_rounds_only_the_context(server):
+    """The Loader's kv_cache=fp8 beside the exact cache in one graph, with context frames (K = 1, three blocks):
+    the context K/V are rounded to e4m3, so the latents move a little, but not like another model's."""
+    g = base_graph(num_per_block=1, num_cat=1)
+    g["8"] = loader(kv_cache="fp8")
+    g["18"] = loader()
+    g["19"] = sampler(["5", 0], num_per_block=1, num_cat=1, model=["18", 0])
+    g["20"] = {"class_type": "SaveLatent", "inputs": {"samples": ["19", 0], "filename_prefix": "latents/exact"}}
+    h = server.run(g)
+    fp8, exact = saved_latent(server, h, "10"), saved_latent(server, h, "20")
+    assert fp8.shape == exact.shape == (1, 16, 3, 4, 4) and torch.isfinite(fp8).all()
+    rel = float((fp8 - exact).norm() / exact.norm())
+    assert 0 < rel < 1e-2, rel  # the same rounding bound as tests/test_kvcache.py (measured there: 1e-5)
 
 
 def g_ks() -> dict:
