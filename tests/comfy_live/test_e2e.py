@@ -171,6 +171,8 @@ def test_kv_cache_fp8_runs_and_rounds_only_the_context(server):
     assert fp8.shape == exact.shape == (1, 16, 3, 4, 4) and torch.isfinite(fp8).all()
     rel = float((fp8 - exact).norm() / exact.norm())
     assert 0 < rel < 1e-2, rel  # the same rounding bound as tests/test_kvcache.py (measured there: 1e-5)
+    server.run(base_graph())  # back to the one default pool the next tests count on (the fp8 one is released)
+    assert len(server.note_workers()) == 2
 
 
 def g_ks() -> dict:
