@@ -52,7 +52,7 @@ import torch  # noqa: E402
 
 from dualparal_core.bench.flops import block_step_flops, item_flops, job_flops, steady_rate  # noqa: E402,F401
 from dualparal_core.conditioning import ImageConditioning  # noqa: E402
-from dualparal_core.config import BlockLayout, WanConfig, split_layers  # noqa: E402
+from dualparal_core.config import KV_CACHE_MODES, BlockLayout, WanConfig, split_layers  # noqa: E402
 
 MODELS = {"1.3b": WanConfig.wan21_1_3b, "14b": WanConfig.wan21_14b}
 _sigmas = shipped.sigmas  # the name other scripts imported
@@ -312,7 +312,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--cfg-low", type=float, default=None, help="cfg of the low-noise expert (default: --cfg)")
     ap.add_argument("--weights", choices=["dequant", "fp8"], default="dequant",
                     help="PoolSpec.weights (fp8: the blocks' Linear weights held in fp8, dequantised per layer)")
-    ap.add_argument("--kv-cache", choices=["exact", "fp8"], default="exact",
+    ap.add_argument("--kv-cache", choices=list(KV_CACHE_MODES), default="exact",
                     help="PoolSpec.kv_cache (fp8: the right-context K/V kept in e4m3, a scale per token)")
     ap.add_argument("--matmul", choices=["bf16", "fp8"], default="bf16",
                     help="PoolSpec.matmul (fp8: the blocks' GEMMs in e4m3 through torch._scaled_mm; GPUs of compute "

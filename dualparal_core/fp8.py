@@ -40,6 +40,16 @@ def quantise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w32 / scale).to(torch.float8_e4m3fn), scale.reshape(())
 
 
+def quantise_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (e4m3 values [M, K] contiguous, float32 scale [M, 1]), M the product of the leading dims: each
+    row scaled so that its largest magnitude is 448; x ~= values * scale. Saturating (clamped before the cast); an
+    all-zero row gives zeros, not NaN (the smallest scale is 1e-12). The fp8 GEMMs' activations and weights
+    (fp8_gemm.py) and the fp8 context cache (kvcache.py) use it."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    scale = (x.abs().amax(dim=1, keepdim=True) / E4M3_MAX).clamp_min(1e-12)
+    return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
 def dequantise(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """fp8 weight -> ``dtype``, exactly as the checkpoint loader dequantises (float32 product, then cast)."""
     t = w.to(torch.float32)

@@ -42,21 +42,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import logger
-from .fp8 import SCALE, Fp8Linear, dequantise
+from .fp8 import SCALE, Fp8Linear, dequantise, quantise_rows
 
 E4M3 = torch.float8_e4m3fn
-E4M3_MAX = 448.0  # float8 e4m3fn's largest finite value
-TINY = 1e-12  # the smallest scale: an all-zero row quantises to zeros, not NaN
 ALIGN = 16  # torch._scaled_mm on CUDA: K and N multiples of 16
 MIN_CAPABILITY = (8, 9)
-
-
-def quantise_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., K] -> (e4m3 values [M, K] contiguous, float32 scale [M, 1]), M the product of the leading dims: each
-    row scaled so that its largest magnitude is 448; x ~= values * scale. Saturating (clamped before the cast)."""
-    x = x.reshape(-1, x.shape[-1]).float()
-    scale = (x.abs().amax(dim=1, keepdim=True) / E4M3_MAX).clamp_min(TINY)
-    return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
 def gelu_quantise_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,8 +2,8 @@
 
 A block-step keeps, for every layer of its rank, the raw projected keys and values of its first K frames
 (:meth:`WanStage._layer`, ``keep``); the next block-step of the older neighbour appends them to its own keys and
-values. At S1 (1.3B, K = 8, CFG) that cache is 4.28 GiB on one GPU, the largest item of memory after nothing (weights
-2.65 GiB; ``dualparal_core.memplan``), and 19 GiB for 14B.
+values. At S1 (1.3B, K = 8, CFG) that cache is 4.28 GiB on one GPU, the largest item of memory (the weights are 2.65
+GiB; ``dualparal_core.memplan``), and 19 GiB for 14B.
 
 - ``exact`` (default): kept as computed, in the compute dtype. N ranks give the same bits as one.
 - ``fp8`` (opt-in): kept in float8 e4m3 with one float32 scale per token (row), so that each token's largest
@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import torch
 
-E4M3 = torch.float8_e4m3fn
-E4M3_MAX = 448.0
-TINY = 1e-12  # an all-zero token quantises to zeros, not NaN
+from .fp8 import quantise_rows
 
 
 def keep_exact(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -31,9 +29,10 @@ def keep_exact(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 def quantise_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [b, n, dim] -> (e4m3 [b, n, dim], float32 scale [b, n, 1]); x ~= values * scale."""
-    scale = (x.abs().amax(dim=-1, keepdim=True).float() / E4M3_MAX).clamp_min(TINY)
-    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+    """x [b, n, dim] -> (e4m3 [b, n, dim], float32 scale [b, n, 1]); x ~= values * scale: the fp8 GEMMs' row-wise
+    quantisation (:func:`~dualparal_core.fp8.quantise_rows`), one row per token."""
+    q, scale = quantise_rows(x)
+    return q.view(x.shape), scale.view(*x.shape[:-1], 1)
 
 
 def keep_fp8(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
