@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from dualparal_core import kvcache  # noqa: E402
 from dualparal_core.config import WanConfig  # noqa: E402
 from dualparal_core.model import WanStage  # noqa: E402
 
@@ -67,7 +68,7 @@ def build(args, backend: str, matmul: str = "bf16") -> WanStage:
     if matmul == "fp8":
         from dualparal_core.fp8_gemm import ScaledMMLinear, install_scaled_mm
 
-        ScaledMMLinear.fast_accum = args.fast_accum
+        ScaledMMLinear.fast_accum = _FAST[0] = args.fast_accum
         install_scaled_mm(st, dev, compiled=compiled)
     return st
 
@@ -89,7 +90,9 @@ def inputs(st: WanStage, args):
 
 def run_once(st, inp):
     h, rk, rv, text, tproj, keep, grid, _, _ = inp
-    right = {i: (rk, rv) for i in st.layers}
+    if not hasattr(st, "_right_entries"):  # the right context as the stage's cache mode keeps it (reusable)
+        st._right_entries = {i: st.kv_keep(rk, rv) for i in st.layers}
+    right = dict(st._right_entries)
     return st.blocks_forward(h, tproj, text, grid, right=right, keep=keep)
 
 
@@ -116,7 +119,44 @@ def time_steps(st, inp, reps: int) -> list[float]:
     return out
 
 
-def profile_groups(st, inp) -> tuple[dict[str, float], float, list]:
+def sync_debug(st, inp) -> list[str]:
+    """One block-step with CUDA's sync debug mode on: the host synchronisations it makes (each a message and the
+    innermost frames of our code that caused it)."""
+    import traceback
+    import warnings
+
+    if st.device.type != "cuda":
+        return []
+    found = []
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run_once(st, inp)
+            sync(st.device)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        found.append(f"{w.category.__name__}: {str(w.message)[:160]} at {w.filename}:{w.lineno}")
+    del traceback
+    return found
+
+
+def gaps(prof, top: int = 12) -> list[tuple[float, str, str]]:
+    """The longest stretches with no CUDA kernel running inside the profiled block-step: (ms, kernel before,
+    kernel after)."""
+    ks = sorted((ev.time_range.start, ev.time_range.end, ev.name) for ev in prof.events()
+                if ev.device_type == torch.autograd.DeviceType.CUDA)
+    out, end, last = [], None, ""
+    for s, e, n in ks:
+        if end is not None and s > end:
+            out.append(((s - end) / 1e3, last[:60], n[:60]))
+        if end is None or e > end:
+            end, last = e, n
+    return sorted(out, reverse=True)[:top] + [(sum(g[0] for g in out), "all gaps", f"{len(out)} gaps")]
+
+
+def profile_groups(st, inp, trace: str | None = None) -> tuple[dict[str, float], float, list]:
     from torch.profiler import ProfilerActivity, profile
 
     dev = st.device
@@ -127,6 +167,11 @@ def profile_groups(st, inp) -> tuple[dict[str, float], float, list]:
         run_once(st, inp)
         sync(dev)
     wall = time.perf_counter() - t0
+    if trace:
+        prof.export_chrome_trace(trace)
+    if dev.type == "cuda":
+        for ms, a, b in gaps(prof):
+            print(f"  gap {ms:8.3f} ms  after {a}  before {b}")
     groups: dict[str, float] = {}
     names: dict[str, float] = {}
     for ev in prof.events():
@@ -152,6 +197,10 @@ def main() -> None:
                    help="fp8: also run every backend with the blocks' GEMMs in e4m3 (torch._scaled_mm)")
     p.add_argument("--fast-accum", action="store_true", help="the fp8 GEMMs with use_fast_accum (Hopper)")
     p.add_argument("--json", default=None)
+    p.add_argument("--kv-cache", nargs="*", default=[], choices=["offload", "fp8"],
+                   help="also run the first backend with the right-context cache kept so (PoolSpec.kv_cache)")
+    p.add_argument("--sync-debug", action="store_true", help="list the host synchronisations of one block-step")
+    p.add_argument("--trace", default=None, metavar="DIR", help="write each variant's chrome trace here")
     args = p.parse_args()
     if args.backends is None:
         from dualparal_core.attention import fa3_available
@@ -160,9 +209,12 @@ def main() -> None:
     rows = []
     ref = None  # the first variant's output (on the host): every other variant's relative error against it
     bf16_out = {}  # each backend's output with bf16 GEMMs: the fp8-GEMM variant's error against it
-    variants = [(b, "bf16") for b in args.backends] + [(b, "fp8") for b in args.backends if args.matmul == "fp8"]
-    for backend, matmul in variants:
+    variants = [(b, "bf16", "exact") for b in args.backends]
+    variants += [(b, "fp8", "exact") for b in args.backends if args.matmul == "fp8"]
+    variants += [(args.backends[0], "bf16", kv) for kv in args.kv_cache]
+    for backend, matmul, kv in variants:
         st = build(args, backend, matmul)
+        st.kv_keep = kvcache.KEEPERS[kv]
         inp = inputs(st, args)
         fl = block_step_flops(st.config, inp[7], inp[8], 2)
         time_steps(st, inp, 2)  # warm-up: compiles, cuBLAS handles, FA3 module load
@@ -176,9 +228,15 @@ def main() -> None:
         base = bf16_out[backend]
         err_bf16 = ((out - base).norm() / base.norm()).item() if matmul == "fp8" else None
         del out
-        groups, wall, top = profile_groups(st, inp)
+        label = label_of(backend, matmul) + ("" if kv == "exact" else f"+kv_{kv}")
+        if args.sync_debug:
+            for line in sync_debug(st, inp) or ["no host synchronisation"]:
+                print(f"  {label} sync: {line}")
+        trace = None if not args.trace else str(Path(args.trace) / f"{label}.json")
+        if trace:
+            Path(args.trace).mkdir(parents=True, exist_ok=True)
+        groups, wall, top = profile_groups(st, inp, trace)
         busy = sum(groups.values())
-        label = backend + ("+fp8gemm" + ("(fast)" if args.fast_accum else "") if matmul == "fp8" else "")
         row = {"backend": label, "attention": backend, "matmul": matmul, "err_vs_bf16_gemm": err_bf16,
                "median_s": med, "spread_s": max(ts) - min(ts), "tflops": fl / med / 1e12,
                "flops": fl, "profiled_wall_s": wall, "kernel_s": busy, "groups_s": groups, "top_kernels_s": top,
@@ -202,6 +260,13 @@ def main() -> None:
               f"  {gs}; not covered by kernels {gap * 1e3:.1f} (profiled wall {r['profiled_wall_s'] * 1e3:.1f})")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def label_of(backend: str, matmul: str) -> str:
+    return backend + ("+fp8gemm" + ("(fast)" if _FAST[0] else "") if matmul == "fp8" else "")
+
+
+_FAST = [False]  # --fast-accum, for the labels
 
 
 def inp_tokens(args) -> str:

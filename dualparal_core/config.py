@@ -22,8 +22,9 @@ DTYPES: tuple[str, ...] = ("bf16", "fp16", "fp32")
 WEIGHT_MODES: tuple[str, ...] = ("dequant", "fp8")
 #: The blocks' GEMMs: in the compute dtype, or in e4m3 (fp8_gemm.py).
 MATMUL_MODES: tuple[str, ...] = ("bf16", "fp8")
-#: How each block keeps the right-context K/V its older neighbour reads: in the compute dtype, or in e4m3 (kvcache.py).
-KV_CACHE_MODES: tuple[str, ...] = ("exact", "fp8")
+#: How each block keeps the right-context K/V its older neighbour reads: in the compute dtype on the GPU, the same
+#: bits in pinned host memory, or in e4m3 (kvcache.py).
+KV_CACHE_MODES: tuple[str, ...] = ("exact", "offload", "fp8")
 #: Which expert of a Wan2.2 A14B pair a LoRA is merged into.
 LORA_EXPERTS: tuple[str, ...] = ("both", "high", "low")
 #: Attention backends a user may pick ("auto": FlashAttention-3 on a Hopper GPU in bf16 when ``fa3-fwd`` is
@@ -315,8 +316,10 @@ class PoolSpec:
     matmul: str = "bf16"
     """"fp8" (opt-in; bf16 on GPUs of compute capability 8.9+): the blocks' big GEMMs in e4m3 (fp8_gemm.py)."""
     kv_cache: str = "exact"
-    """"exact": the right-context K/V a block keeps for its older neighbour stay in the compute dtype. "fp8"
-    (opt-in): held in e4m3 with one scale per token, half the bytes of the largest item of memory (kvcache.py)."""
+    """"exact": the right-context K/V a block keeps for its older neighbour stay in the compute dtype on the GPU.
+    "offload" (opt-in): the same bits in pinned host memory, a few layers of it on the GPU at a time (the largest
+    item of memory nearly gone, for PCIe traffic and as much host RAM). "fp8" (opt-in): held in e4m3 with one scale
+    per token, half the bytes, a rounding error (kvcache.py)."""
 
     def __post_init__(self) -> None:
         if not self.devices:

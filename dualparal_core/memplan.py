@@ -6,7 +6,9 @@ held in). The rest are estimates of what is alive at a rank's peak, the last lay
 - text K/V: cross-attention K and V of every layer of the rank, per expert used, once per job:
   ``2 · b · 512 · dim · bytes · layers`` (umt5 pads prompts to 512 tokens);
 - right-context cache: ``K · tokens per frame · dim · 2 (k, v) · b · layers · bytes`` (one cache is alive: the
-  engine releases the one it reads layer by layer while it builds the next);
+  engine releases the one it reads layer by layer while it builds the next); with ``kv_cache="offload"`` that is
+  host memory (``host``, not in the GPU total) and the GPU holds ``OFFLOAD_LAYERS`` layers of it (the slices on
+  their way out and in while the host runs at most two layers ahead, kvcache.Pacer);
 - activations of one layer on a window of ``(P + K) · tokens per frame`` tokens: ``b · L · dim · (8 + 13 · bytes)``
   — calibrated on the eager CPU layer (peak RSS of one layer at 1280 wide, f/d 2.7: about 31 bytes per
   b·L·dim element in bf16, 51–55 in fp32); torch.compile'd elementwise chains (the CUDA default) need less;
@@ -28,6 +30,8 @@ TEXT_TOKENS = 512
 ACT_BASE, ACT_PER_BYTE = 8, 13
 #: Hidden states a sending rank keeps alive for its asynchronous sends.
 PIPE_KEPT = 4
+#: Layers of an offloaded right-context cache on the GPU at once (kvcache.HostEntry, kvcache.Pacer).
+OFFLOAD_LAYERS = 4
 
 
 def tokens_per_frame(config: WanConfig, height: int = 480, width: int = 832) -> int:
@@ -65,13 +69,15 @@ class RankPlan:
     cache: int
     activations: int
     pipe: int
+    host: int = 0  # pinned host memory of an offloaded cache (not in the GPU total)
 
     @property
     def total(self) -> int:
         return self.weights + self.text_kv + self.cache + self.activations + self.pipe
 
     def gib(self) -> dict[str, float]:
-        return {k: getattr(self, k) / GIB for k in ("weights", "text_kv", "cache", "activations", "pipe", "total")}
+        return {k: getattr(self, k) / GIB for k in ("weights", "text_kv", "cache", "activations", "pipe", "total",
+                                                      "host")}
 
 
 def plan_rank(config: WanConfig, layers: range, *, embed: bool, head: bool, dtype: str = "bf16",
@@ -79,7 +85,8 @@ def plan_rank(config: WanConfig, layers: range, *, embed: bool, head: bool, dtyp
               frames_k: int = 8, tpf: int | None = None, kv_cache: str = "exact") -> RankPlan:
     """Plan one rank. ``batches``: the batch of each expert used (2 with CFG, 1 at cfg 1); the peak terms take
     the largest. ``frames_p``/``frames_k``: P and K; ``tpf``: tokens per latent frame (default 480x832);
-    ``kv_cache``: PoolSpec.kv_cache ("fp8": one byte per value and a float32 scale per token)."""
+    ``kv_cache``: PoolSpec.kv_cache ("fp8": one byte per value and a float32 scale per token; "offload": the
+    cache in ``host``, OFFLOAD_LAYERS layers of it on the GPU)."""
     tpf = tokens_per_frame(config) if tpf is None else tpf
     es, d, n = DTYPE_BYTES[dtype], config.dim, len(layers)
     b = max(batches)
@@ -87,12 +94,15 @@ def plan_rank(config: WanConfig, layers: range, *, embed: bool, head: bool, dtyp
     tokens = TEXT_TOKENS + ((config.image_pos_len or 257) if config.image_dim is not None else 0)  # + CLIP-vision
     text = sum(2 * bb * tokens * d * es * n for bb in batches)
     cache = frames_k * tpf * 2 * b * n * ((d + 4) if kv_cache == "fp8" else d * es)
+    host = cache if kv_cache == "offload" else 0
+    if host:
+        cache = cache // n * min(n, OFFLOAD_LAYERS)
     unit = b * (frames_p + frames_k) * tpf * d  # elements of one window's hidden states
     act = unit * (ACT_BASE + ACT_PER_BYTE * es)
     if fp8:  # Fp8Linear's transient: the biggest weight (the fused q/k/v or an FFN matrix) in float32 and dtype
         act += max(3 * d * d, config.ffn_dim * d) * (4 + es)
     pipe = 0 if head else PIPE_KEPT * unit * es
-    return RankPlan(w, text, cache, act, pipe)
+    return RankPlan(w, text, cache, act, pipe, host)
 
 
 def load_report(config: WanConfig, layers: range, *, embed: bool, head: bool, dtype: str, fp8: bool,

@@ -232,8 +232,7 @@ class WanStage(nn.Module):
             elif "norm" in name and p.ndim == 1:
                 p.copy_(1 + torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32) * 0.1)
             else:
-                fan_in = p.shape[-1] if p.ndim > 1 else p.numel()
-                s = std if p.ndim != 2 else min(std, fan_in ** -0.5)
+                s = std if p.ndim != 2 else min(std, p.shape[-1] ** -0.5)  # 2-D: at most 1/sqrt(fan-in)
                 p.copy_(torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32) * s)
 
     # ------------------------------------------------------------------ per-job / per-step embeddings
@@ -280,19 +279,20 @@ class WanStage(nn.Module):
             h: [b, L, dim] hidden states of the block's input window (left context + own frames), L = F*h*w.
             tproj: [b, 6, dim] modulation from :meth:`time_embed`.
             grid: (F, h, w) tokens of the window.
-            right: {layer: (k, v)} raw projected K/V [b, R, dim] of the next-newer block's first frames, or None.
-                It is consumed: each layer's entry is dropped from the dict once used, so the old cache and the
-                new one never both stay whole in memory.
+            right: {layer: entry} (kvcache.py) of the next-newer block's first frames' raw K/V [b, R, dim], or
+                None; consumed layer by layer, so the old cache and the new one never both stay whole in memory.
             keep: (start, length) token range of this window whose raw K/V the older neighbour will need, or None.
-        Returns: hidden states, and the cache {layer: (k, v)} for the older neighbour (None if ``keep`` is None).
+        Returns: hidden states, and the cache {layer: entry} for the older neighbour (None if ``keep`` is None).
         """
         F_, gh, gw = grid
-        r_frames = 0 if right is None else next(iter(right.values()))[0].shape[1] // (gh * gw)
+        r_frames = 0 if right is None else kvcache.tokens(next(iter(right.values()))) // (gh * gw)
         cos, sin = self.rope(F_ + r_frames, gh, gw)
         L = F_ * gh * gw
         cache = {} if keep is not None else None
+        pace = kvcache.Pacer(h.device, kvcache.offloaded(self.kv_keep if keep is not None else None, right))
         for i in self.layers:
-            r = None if right is None else right.pop(i)
+            pace.step()
+            r = kvcache.take(right, i)
             img = None if text.img is None else text.img[i]
             h, kv = self._layer(self.blocks[str(i)], h, tproj, (text.kv[i], img), cos, sin, L, r, keep)
             if cache is not None:

@@ -23,9 +23,12 @@ from .types import Attach, DualParalModel, file_key, parse_devices
 WEIGHTS_TOOLTIP = ("dequant: weights held in dtype (fp8 files dequantised at load). fp8: the transformer blocks' "
                    "weights stay fp8 on the GPUs and are dequantised layer by layer (about half the memory of bf16; "
                    "two A14B experts on 24 GB cards).")
-KV_CACHE_TOOLTIP = ("exact: the context K/V each block keeps for its neighbour stay in dtype. fp8: kept in fp8 with a "
-                    "scale per token, half the largest item of memory (1.3B: 4.3 -> 2.1 GiB per GPU, 14B: 19 -> "
-                    "9.6 GiB on one GPU); the context frames' keys and values are rounded (less exact).")
+KV_CACHE_TOOLTIP = ("exact: the context K/V each block keeps for its neighbour stay on the GPU in dtype. offload: "
+                    "the same values in the computer's RAM (pinned), a few layers of them on the GPU at a time: the "
+                    "largest item of memory nearly gone (1.3B at 480x832: 4.3 GiB per GPU, 14B: 19 GiB on one GPU), "
+                    "as much RAM used instead, the same video. fp8: kept in fp8 with a scale per token, half the "
+                    "memory (1.3B: 4.3 -> 2.1 GiB, 14B: 19 -> 9.6 GiB on one GPU); the context frames' keys and "
+                    "values are rounded (less exact).")
 
 
 class DualParalLoader(io.ComfyNode):

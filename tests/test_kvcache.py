@@ -1,6 +1,7 @@
-"""The right-context K/V cache held in e4m3 (``PoolSpec.kv_cache="fp8"``, dualparal_core/kvcache.py): the rounding
-against a bound derived from e4m3's format, the bytes against the memory plan, N ranks against one, and the error it
-puts in sampled latents against the exact cache."""
+"""The right-context K/V cache held in e4m3 (``PoolSpec.kv_cache="fp8"``) or in pinned host memory ("offload"),
+dualparal_core/kvcache.py: the fp8 rounding against a bound derived from e4m3's format, the bytes against the memory
+plan, N ranks against one, the error fp8 puts in sampled latents against the exact cache, and (GPU tier) the
+offloaded cache giving the exact cache's bits with the GPU memory the plan says."""
 
 from __future__ import annotations
 
@@ -41,10 +42,31 @@ def test_each_kept_value_is_within_e4m3s_rounding_of_itself():
     assert kvcache.load(exact, torch.float32)[0] is exact[0]  # the exact cache is read as kept
 
 
-@pytest.mark.parametrize("mode", ["exact", "fp8"])
+def _two_block_steps(stage: WanStage, frames: int = 4, k_frames: int = 2, gh: int = 4, gw: int = 4):
+    """A block-step that keeps its first ``k_frames`` frames' K/V, then one that reads them as right context (the
+    engine's order): (the kept cache, the second block-step's output)."""
+    cfg, dev = stage.config, stage.device
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, cfg.in_channels, frames, gh * 2, gw * 2, generator=g)
+    tproj, _ = stage.time_embed(torch.full((2,), 500.0))
+    text = stage.prepare_text(torch.randn(2, 5, cfg.text_dim, generator=g).to(dev))
+    _, cache = stage.blocks_forward(stage.embed(x), tproj, text, (frames, gh, gw), keep=(0, k_frames * gh * gw))
+    kept = {i: kvcache.tokens(e) for i, e in cache.items()}
+    out, _ = stage.blocks_forward(stage.embed(x.flip(2)), tproj, text, (frames, gh, gw), right=cache)
+    return kept, out
+
+
+def _bytes(entry) -> int:
+    return entry.nbytes if isinstance(entry, kvcache.HostEntry) else sum(t.numel() * t.element_size() for t in entry)
+
+
+@pytest.mark.parametrize("mode", ["exact", "fp8", "offload"])
 def test_the_kept_bytes_are_what_the_memory_plan_says(mode):
-    """A bf16 stage's real cache (every layer's kept K and V of K frames, batch 2) against memplan's cache term."""
-    cfg = WanConfig.tiny(num_layers=2)
+    """A bf16 stage's real cache (every layer's kept K and V of K frames, batch 2) against memplan's cache term
+    (offload: the host term; the GPU keeps OFFLOAD_LAYERS layers of it)."""
+    from dualparal_core.memplan import OFFLOAD_LAYERS
+
+    cfg = WanConfig.tiny(num_layers=5)
     stage = WanStage(cfg, range(cfg.num_layers), embed=True, head=True, dtype=torch.bfloat16)
     stage.init_random(0)
     stage.kv_keep = kvcache.KEEPERS[mode]
@@ -54,29 +76,38 @@ def test_the_kept_bytes_are_what_the_memory_plan_says(mode):
     tproj, _ = stage.time_embed(torch.full((2,), 500.0))
     text = stage.prepare_text(torch.randn(2, 5, cfg.text_dim))
     _, cache = stage.blocks_forward(h, tproj, text, (frames, gh, gw), keep=(0, k_frames * gh * gw))
-    kept = sum(t.numel() * t.element_size() for kv in cache.values() for t in kv)
+    kept = sum(_bytes(e) for e in cache.values())
     plan = plan_rank(cfg, range(cfg.num_layers), embed=True, head=True, dtype="bf16", frames_k=k_frames,
                      tpf=gh * gw, kv_cache=mode)
-    assert kept == plan.cache
+    exact = plan_rank(cfg, range(cfg.num_layers), embed=True, head=True, dtype="bf16", frames_k=k_frames,
+                      tpf=gh * gw)
+    if mode == "offload":
+        assert all(isinstance(e, kvcache.HostEntry) for e in cache.values())
+        assert kept == plan.host == exact.cache
+        assert plan.cache == exact.cache // cfg.num_layers * OFFLOAD_LAYERS
+        return
+    assert kept == plan.cache and plan.host == 0
     if mode == "fp8":  # one byte per value and a float32 scale per token: about half of bf16's two bytes
-        exact = plan_rank(cfg, range(cfg.num_layers), embed=True, head=True, dtype="bf16", frames_k=k_frames,
-                          tpf=gh * gw).cache
-        assert kept == exact * (cfg.dim + 4) // (2 * cfg.dim)
+        assert kept == exact.cache * (cfg.dim + 4) // (2 * cfg.dim)
 
 
 @pytest.mark.dist
-def test_one_two_and_three_ranks_give_the_same_bits_and_the_error_is_the_caches_rounding(no_leftover_workers):
+@pytest.mark.parametrize("mode", ["fp8", "offload"])
+def test_one_two_and_three_ranks_give_the_same_bits_and_only_fp8_moves_the_latents(mode, no_leftover_workers):
     from dualparal_core.pool import WorkerPool
 
     job = tiny_job("uni_pc", steps=3)
-    one = run_single_process(build_stage(tiny_spec(1, kv_cache="fp8"), 0)[0], job)
+    one = run_single_process(build_stage(tiny_spec(1, kv_cache=mode), 0)[0], job)
     for world in (2, 3):
-        pool = WorkerPool.start(tiny_spec(world, kv_cache="fp8"))
+        pool = WorkerPool.start(tiny_spec(world, kv_cache=mode))
         try:
             assert torch.equal(pool.generate(job), one), world
         finally:
             pool.close()
     exact = run_single_process(build_stage(tiny_spec(1), 0)[0], job)
+    if mode == "offload":  # the same values, held elsewhere
+        assert torch.equal(one, exact)
+        return
     # only the right-context frames' keys and values are rounded (RMS about 2**-5.5 of each value); the latents
     # move far less than that and are not a different model's (measured on this job: 1.1e-5)
     err = _rel(one, exact)
@@ -84,5 +115,50 @@ def test_one_two_and_three_ranks_give_the_same_bits_and_the_error_is_the_caches_
 
 
 def test_a_bad_mode_is_refused_by_name():
-    with pytest.raises(ValueError, match=r"kv_cache='bf8' is not supported; choose one of \['exact', 'fp8'\]"):
+    with pytest.raises(ValueError, match=r"kv_cache='bf8' is not supported; choose one of \['exact', 'offload', 'fp8'\]"):
         PoolSpec(ModelSource(random_config=WanConfig.tiny()), kv_cache="bf8")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (device machine only)")
+def test_on_a_gpu_the_offloaded_cache_gives_the_exact_bits_in_a_few_layers_of_memory():
+    """Two block-steps (keep, then read as right context) of a 12-layer bf16 stage on the GPU, exact vs offload:
+    the same output bits, and the second block-step's peak over the resident memory lower by the cache less the
+    OFFLOAD_LAYERS layers the plan leaves on the GPU (to within one layer)."""
+    from dualparal_core.memplan import OFFLOAD_LAYERS
+
+    cfg = WanConfig.tiny(num_layers=12)
+    outs, peaks = {}, {}
+    for mode in ("exact", "offload", "exact"):  # exact twice: the allocator warmed the same way for both
+        stage = WanStage(cfg, range(cfg.num_layers), embed=True, head=True, dtype=torch.bfloat16, device="cuda")
+        stage.init_random(0)
+        stage.kv_keep = kvcache.KEEPERS[mode]
+        _two_block_steps(stage, frames=8, k_frames=4, gh=16, gw=16)  # warm-up (pinned and device allocators)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        kept, out = _two_block_steps(stage, frames=8, k_frames=4, gh=16, gw=16)
+        torch.cuda.synchronize()
+        outs[mode], peaks[mode] = out.cpu(), torch.cuda.max_memory_allocated() - base
+        del stage, out
+        torch.cuda.empty_cache()
+    assert torch.equal(outs["offload"], outs["exact"])
+    layer = 4 * 16 * 16 * 2 * 2 * cfg.dim * 2  # K frames x tokens x (k, v) x batch x dim x bf16 bytes
+    saved = peaks["exact"] - peaks["offload"]
+    assert saved >= (cfg.num_layers - OFFLOAD_LAYERS - 1) * layer, (peaks, layer)
+
+
+def test_an_offloaded_cache_that_does_not_fit_the_host_is_refused_before_the_job_runs(monkeypatch):
+    """The check reads the host's available memory; here it says 16 KiB, less than the tiny job's cache (tens of
+    KiB: its K frames' tokens x 2 (k, v) x batch 2 x dim x 4 bytes x layers)."""
+    job = tiny_job("euler", steps=2)
+    stage = build_stage(tiny_spec(1, kv_cache="offload"), 0)[0]
+    monkeypatch.setattr(kvcache, "_available_host_bytes", lambda: 2**14)
+    calls = []
+    monkeypatch.setattr(WanStage, "blocks_forward", lambda *a, **k: calls.append(1))
+    with pytest.raises(ValueError, match=r"kv_cache='offload' keeps this job's right-context cache in pinned host "
+                                         r"memory: .* GiB \(1 rank\(s\) on this host\), and this host has 0.0 GiB"):
+        run_single_process(stage, job)
+    assert not calls  # refused before any block-step
+    monkeypatch.undo()
+    assert kvcache._available_host_bytes() > 2**20  # the real reading (Linux: /proc/meminfo)

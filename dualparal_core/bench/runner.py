@@ -67,7 +67,8 @@ class Bench:
         pairs = [(a.attention[min(i, len(a.attention) - 1)], a.matmul[min(i, len(a.matmul) - 1)]) for i in range(n)]
         variants = [(att, "dequant", mm, "exact") for att, mm in pairs]
         variants += [(pairs[0][0], "fp8", pairs[0][1], "exact")] if a.fp8 else []
-        variants += [(pairs[0][0], "dequant", pairs[0][1], "fp8")] if a.kv_cache_fp8 else []
+        kv_modes = list(a.kv_cache) + (["fp8"] if a.kv_cache_fp8 else [])
+        variants += [(pairs[0][0], "dequant", pairs[0][1], kv) for kv in kv_modes]
         for i, (att, weights, mm, kv) in enumerate(dict.fromkeys(variants)):
             self._ours_pool(att, weights, mm, kv, first=i == 0)
 
@@ -77,7 +78,7 @@ class Bench:
         a, p = self.args, self.plan
         tag = "" if first and len(set(a.attention)) == 1 else f" {attention}"
         tag += (" fp8 weights" if weights == "fp8" else "") + (" fp8 GEMM" if matmul == "fp8" else "")
-        tag += " fp8 K/V cache" if kv_cache == "fp8" else ""
+        tag += f" {kv_cache} K/V cache" if kv_cache != "exact" else ""
         base = dict(kind="ours" if first else f"ours{tag.replace(' ', '-')}", name=f"ours N={len(p.devices)}{tag}",
                     gpus=len(p.devices), weights=weights, attention=attention, matmul=matmul, kv_cache=kv_cache)
         try:

@@ -158,20 +158,24 @@ def test_matches_ksampler_and_flows_into_vae_decode(server):
     assert progress and progress[-1]["value"] == progress[-1]["max"] == 8  # 2 videos x 1 block x 4 steps
 
 
-def test_kv_cache_fp8_runs_and_rounds_only_the_context(server):
-    """The Loader's kv_cache=fp8 beside the exact cache in one graph, with context frames (K = 1, three blocks):
-    the context K/V are rounded to e4m3, so the latents move a little, but not like another model's."""
+def test_kv_cache_fp8_rounds_only_the_context_and_offload_changes_nothing(server):
+    """The Loader's kv_cache=fp8 and kv_cache=offload beside the exact cache in one graph, with context frames
+    (K = 1, three blocks): fp8 rounds the context K/V to e4m3, so the latents move a little, but not like another
+    model's; offload holds the same values in host memory, so the latents are the exact cache's bits."""
     g = base_graph(num_per_block=1, num_cat=1)
     g["8"] = loader(kv_cache="fp8")
-    g["18"] = loader()
-    g["19"] = sampler(["5", 0], num_per_block=1, num_cat=1, model=["18", 0])
-    g["20"] = {"class_type": "SaveLatent", "inputs": {"samples": ["19", 0], "filename_prefix": "latents/exact"}}
+    for node, kv in (("18", "exact"), ("21", "offload")):
+        g[node] = loader(kv_cache=kv)
+        g[str(int(node) + 1)] = sampler(["5", 0], num_per_block=1, num_cat=1, model=[node, 0])
+        g[str(int(node) + 2)] = {"class_type": "SaveLatent", "inputs": {"samples": [str(int(node) + 1), 0],
+                                                                        "filename_prefix": f"latents/{kv}"}}
     h = server.run(g)
-    fp8, exact = saved_latent(server, h, "10"), saved_latent(server, h, "20")
+    fp8, exact, offload = (saved_latent(server, h, n) for n in ("10", "20", "23"))
     assert fp8.shape == exact.shape == (1, 16, 3, 4, 4) and torch.isfinite(fp8).all()
     rel = float((fp8 - exact).norm() / exact.norm())
     assert 0 < rel < 1e-2, rel  # the same rounding bound as tests/test_kvcache.py (measured there: 1e-5)
-    server.run(base_graph())  # back to the one default pool the next tests count on (the fp8 one is released)
+    assert torch.equal(offload, exact)
+    server.run(base_graph())  # back to the one default pool the next tests count on (the others are released)
     assert len(server.note_workers()) == 2
 
 
