@@ -53,10 +53,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--fp8", action="store_true", help="add a row of the first --attention with the blocks' Linear "
                                                       "weights held in fp8 (PoolSpec.weights='fp8')")
     p.add_argument("--kv-cache", nargs="+", default=[], choices=["offload", "fp8"],
-                   help="add a row of the first --attention per value with the right-context K/V cache kept so "
-                        "(PoolSpec.kv_cache: 'offload' in pinned host memory, the same bits; 'fp8' in e4m3, half "
-                        "the bytes; compared likewise)")
-    p.add_argument("--kv-cache-fp8", action="store_true", help="the same as --kv-cache fp8 (older command lines)")
+                   help="a row of the first --attention per value, the right-context K/V kept so (PoolSpec.kv_cache: "
+                        "offload: in pinned host memory, the same bits; fp8: e4m3, half the bytes)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile our elementwise chains (default: the product's choice, on for GPUs)")
     p.add_argument("--fuse", action="store_true", help="accepted for old command lines: our QKV projection is "

@@ -67,8 +67,7 @@ class Bench:
         pairs = [(a.attention[min(i, len(a.attention) - 1)], a.matmul[min(i, len(a.matmul) - 1)]) for i in range(n)]
         variants = [(att, "dequant", mm, "exact") for att, mm in pairs]
         variants += [(pairs[0][0], "fp8", pairs[0][1], "exact")] if a.fp8 else []
-        kv_modes = list(a.kv_cache) + (["fp8"] if a.kv_cache_fp8 else [])
-        variants += [(pairs[0][0], "dequant", pairs[0][1], kv) for kv in kv_modes]
+        variants += [(pairs[0][0], "dequant", pairs[0][1], kv) for kv in a.kv_cache]
         for i, (att, weights, mm, kv) in enumerate(dict.fromkeys(variants)):
             self._ours_pool(att, weights, mm, kv, first=i == 0)
 
