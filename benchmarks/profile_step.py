@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -34,7 +35,7 @@ from dualparal_core.model import WanStage  # noqa: E402
 GROUPS = (  # first match wins; names as the CUDA kernels are called on Hopper with torch 2.11
     ("attention", ("flash", "fmha", "attention", "cudnn_generated", "sdpa")),
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_")),
-    ("compiled", ("triton_",)),
+    ("compiled", ("triton_", "rms_rope")),
     ("norm", ("layer_norm", "rms_norm", "norm_kernel")),
     ("copy", ("copy", "cat", "Memcpy", "memcpy", "transpose")),
     ("gelu", ("gelu",)),
@@ -199,6 +200,9 @@ def main() -> None:
     p.add_argument("--json", default=None)
     p.add_argument("--kv-cache", nargs="*", default=[], choices=["offload", "fp8"],
                    help="also run the first backend with the right-context cache kept so (PoolSpec.kv_cache)")
+    p.add_argument("--inductor-rope", action="store_true",
+                   help="also run the first backend with the qk-norm + RoPE chain compiled by Inductor "
+                        "(DUALPARAL_TRITON=0) instead of the Triton kernel (dualparal_core/kernels.py)")
     p.add_argument("--sync-debug", action="store_true", help="list the host synchronisations of one block-step")
     p.add_argument("--trace", default=None, metavar="DIR", help="write each variant's chrome trace here")
     args = p.parse_args()
@@ -212,8 +216,11 @@ def main() -> None:
     variants = [(b, "bf16", "exact") for b in args.backends]
     variants += [(b, "fp8", "exact") for b in args.backends if args.matmul == "fp8"]
     variants += [(args.backends[0], "bf16", kv) for kv in args.kv_cache]
+    variants += [(args.backends[0], "bf16", "inductor")] if args.inductor_rope else []
     for backend, matmul, kv in variants:
+        os.environ["DUALPARAL_TRITON"] = "0" if kv == "inductor" else "1"
         st = build(args, backend, matmul)
+        kv = "exact" if kv == "inductor" else kv
         st.kv_keep = kvcache.KEEPERS[kv]
         inp = inputs(st, args)
         fl = block_step_flops(st.config, inp[7], inp[8], 2)
@@ -229,6 +236,7 @@ def main() -> None:
         err_bf16 = ((out - base).norm() / base.norm()).item() if matmul == "fp8" else None
         del out
         label = label_of(backend, matmul) + ("" if kv == "exact" else f"+kv_{kv}")
+        label += "+inductor_rope" if os.environ["DUALPARAL_TRITON"] == "0" else ""
         if args.sync_debug:
             for line in sync_debug(st, inp) or ["no host synchronisation"]:
                 print(f"  {label} sync: {line}")

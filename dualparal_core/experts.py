@@ -79,9 +79,9 @@ class Experts:
         """Which expert takes a block-step at ``sigma``: HIGH (also the only one) or LOW."""
         return HIGH if len(self.stages) == 1 or float(sigma) >= self.boundary else LOW
 
-    def blocks_forward(self, h, tproj, text, grid, right=None, keep=None, expert: int = HIGH):
+    def blocks_forward(self, h, tproj, text, grid, right=None, keep=None, expert: int = HIGH, out_from: int = 0):
         """:meth:`WanStage.blocks_forward` of one expert (one call per block-step: the worker wraps it)."""
-        return self.stages[expert].blocks_forward(h, tproj, text, grid, right=right, keep=keep)
+        return self.stages[expert].blocks_forward(h, tproj, text, grid, right=right, keep=keep, out_from=out_from)
 
 
 def as_experts(model: WanStage | Experts) -> Experts:

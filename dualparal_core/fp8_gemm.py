@@ -22,7 +22,7 @@ was loaded as, with no second rounding. Other fp8 weights (e5m2) are dequantised
 The FFN is Linear -> tanh GELU -> Linear. Its first GEMM writes the pre-activation (no GELU epilogue in
 ``_scaled_mm``), and the GELU runs inside the second GEMM's input quantisation (:func:`gelu_quantise_rows`): one
 pass over the [tokens, ffn_dim] activations instead of two. diffusers' GELU module is replaced by
-:class:`GeluDeferred`, so ``ffn(x)`` and :func:`dualparal_core.model.feed_forward` compute the same.
+:class:`GeluDeferred`, so ``ffn(x)`` and :func:`dualparal_core.chains.feed_forward` compute the same.
 
 Shapes: on CUDA ``torch._scaled_mm`` needs both of the weight's dims to be multiples of 16, the first operand
 row-major and the second column-major (we pass ``wq.t()`` of the row-major [N, K] weight; the quantised activations
@@ -193,10 +193,10 @@ _COMPILED: dict = {}
 
 def _compiled(fn):
     """``fn`` compiled once per process, called as the stage's other compiled chains are (deterministic launch
-    configs unless TORCHINDUCTOR_DETERMINISTIC=0; see WanStage.compile_elementwise)."""
+    configs unless TORCHINDUCTOR_DETERMINISTIC=0; see chains.compiled)."""
     if fn not in _COMPILED:
-        from .model import _deterministic_compiled
+        from .chains import deterministic_compiled
 
         c = torch.compile(fn, dynamic=False)
-        _COMPILED[fn] = _deterministic_compiled(c) if os.environ.get("TORCHINDUCTOR_DETERMINISTIC") != "0" else c
+        _COMPILED[fn] = deterministic_compiled(c) if os.environ.get("TORCHINDUCTOR_DETERMINISTIC") != "0" else c
     return _COMPILED[fn]

@@ -8,7 +8,6 @@ attention goes through :func:`attention` whose backend is switchable.
 
 from __future__ import annotations
 
-import os
 import zlib
 from dataclasses import dataclass
 
@@ -16,8 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import kvcache
+from . import chains, kvcache
 from .attention import attention, cross_backend
+from .chains import ELEMENTWISE, feed_forward
 from .conditioning import cross_attend, image_kv, project_kv
 from .config import ATTENTION_BACKENDS, WanConfig
 from .files import keeps_fp32
@@ -47,84 +47,6 @@ def rope_tables(config: WanConfig, frames: int, h: int, w: int, device, first_fr
         # diffusers repeats each angle twice and reads cos[0::2], sin[1::2]: keep one of each pair
         out.append(full[..., 0::2].to(device=device, dtype=torch.float32).contiguous())
     return out[0], out[1]
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x0, x1) of x [B, L, H, d] by cos/sin [1, L, 1, d/2] (diffusers' Wan convention), in fp32."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
-
-
-def modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm (no affine, fp32) then adaLN modulation, back to h's dtype: h [b, L, D], shift/scale [b, 1, D]."""
-    return torch.addcmul(shift, F.layer_norm(h.float(), (h.shape[-1],), eps=eps), 1 + scale).type_as(h)
-
-
-def gated_residual(h: torch.Tensor, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """h + o * gate computed in fp32, back to h's dtype."""
-    return torch.addcmul(h.float(), o.float(), gate).type_as(h)
-
-
-def rope_qk(x: torch.Tensor, norm_w: torch.Tensor, eps: float, heads: int, cos: torch.Tensor,
-            sin: torch.Tensor, right: torch.Tensor | None = None) -> torch.Tensor:
-    """RMSNorm across heads (Wan's qk norm), split heads, RoPE: [b, L, D] -> [b, H, L, d]. ``right``: raw keys
-    [b, R, D] appended after ``x`` first (compiled, the concatenation is part of the same kernel: no copy)."""
-    if right is not None:
-        x = torch.cat([x, right], dim=1)
-    x = F.rms_norm(x, (x.shape[-1],), norm_w, eps)
-    return apply_rope(x.unflatten(2, (heads, -1)), cos, sin).transpose(1, 2)
-
-
-def affine_norm(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """Wan's cross-attention input norm (diffusers' FP32LayerNorm with affine weights), back to h's dtype."""
-    return F.layer_norm(h.float(), (h.shape[-1],), weight.float(), bias.float(), eps).type_as(h)
-
-
-def rms_heads(x: torch.Tensor, norm_w: torch.Tensor, eps: float, heads: int) -> torch.Tensor:
-    """RMSNorm across heads, then split heads: [b, L, D] -> [b, H, L, d] (the cross-attention's queries)."""
-    return F.rms_norm(x, (x.shape[-1],), norm_w, eps).unflatten(2, (heads, -1)).transpose(1, 2)
-
-
-def add_modulate(h: torch.Tensor, o: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cross-attention's residual ``h + o`` and the FFN's modulated input from it, in one pass."""
-    h = h + o
-    return h, modulate(h, shift, scale, eps)
-
-
-_ELEMENTWISE = {"modulate": modulate, "gated_residual": gated_residual, "rope_qk": rope_qk,
-                "affine_norm": affine_norm, "rms_heads": rms_heads, "add_modulate": add_modulate}
-
-
-def feed_forward(ffn: nn.Module, x: torch.Tensor, epilogue: bool) -> torch.Tensor:
-    """diffusers' Wan FeedForward (Linear, tanh-GELU, Linear). ``epilogue``: the GELU runs in the first GEMM's
-    epilogue (cuBLASLt's GELU_BIAS, the tanh approximation), saving one pass over the [L, ffn_dim] activations
-    (measured on an H100 at S1's shape: 2.50 -> 2.04 ms per layer, error against fp32 2.6e-3 -> 1.7e-3)."""
-    proj = ffn.net[0].proj
-    if not epilogue or type(proj) is not nn.Linear or proj.bias is None:
-        return ffn(x)
-    y = torch._addmm_activation(proj.bias, x.flatten(0, 1), proj.weight.t(), use_gelu=True)
-    return ffn.net[2](y.view(*x.shape[:-1], -1))
-
-
-def _deterministic_compiled(fn):
-    """Call a compiled function with torch's deterministic-algorithms flag on (warn-only), so that Inductor, which
-    reads the flag when it builds a kernel, keeps one launch config per reduction instead of timing several. Only
-    these elementwise calls run under it (no cuBLAS or other eager op), and always under it, so Dynamo's guard on
-    the flag never asks for a recompile."""
-    def call(*args, **kwargs):
-        if torch.are_deterministic_algorithms_enabled():
-            return fn(*args, **kwargs)
-        fill = torch.utils.deterministic.fill_uninitialized_memory
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.utils.deterministic.fill_uninitialized_memory = False  # Inductor's scratch buffers: no NaN fill
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.use_deterministic_algorithms(False)
-            torch.utils.deterministic.fill_uninitialized_memory = fill
-
-    return call
 
 
 @dataclass
@@ -180,7 +102,7 @@ class WanStage(nn.Module):
         self.to_empty(device=device)
         self._cast_params()
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._ew = dict(_ELEMENTWISE)
+        self._ew = dict(ELEMENTWISE)
         self.ffn_epilogue = False  # see feed_forward; turned on with the compiled elementwise chains (GPUs)
 
     def rope(self, frames: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,7 +193,7 @@ class WanStage(nn.Module):
     # ------------------------------------------------------------------ transformer layers
     @torch.no_grad()
     def blocks_forward(self, h: torch.Tensor, tproj: torch.Tensor, text: TextKV, grid: tuple[int, int, int],
-                       right: dict | None = None, keep: tuple[int, int] | None = None,
+                       right: dict | None = None, keep: tuple[int, int] | None = None, out_from: int = 0,
                        ) -> tuple[torch.Tensor, dict | None]:
         """Run this stage's layers.
 
@@ -282,6 +204,9 @@ class WanStage(nn.Module):
             right: {layer: entry} (kvcache.py) of the next-newer block's first frames' raw K/V [b, R, dim], or
                 None; consumed layer by layer, so the old cache and the new one never both stay whole in memory.
             keep: (start, length) token range of this window whose raw K/V the older neighbour will need, or None.
+            out_from: on the stage with the head, the first token the head reads (the window's own frames): the
+                last layer computes the tokens before it (the left context) as keys and values only, and the
+                result holds tokens ``out_from:`` only (row by row the same values).
         Returns: hidden states, and the cache {layer: entry} for the older neighbour (None if ``keep`` is None).
         """
         F_, gh, gw = grid
@@ -294,12 +219,13 @@ class WanStage(nn.Module):
             pace.step()
             r = kvcache.take(right, i)
             img = None if text.img is None else text.img[i]
-            h, kv = self._layer(self.blocks[str(i)], h, tproj, (text.kv[i], img), cos, sin, L, r, keep)
+            trim = out_from if self.has_head and i == self.layers[-1] else 0
+            h, kv = self._layer(self.blocks[str(i)], h, tproj, (text.kv[i], img), cos, sin, L, r, keep, trim)
             if cache is not None:
                 cache[i] = kv
         return h, cache
 
-    def _layer(self, blk, h, tproj, text_kv, cos, sin, L, right, keep):
+    def _layer(self, blk, h, tproj, text_kv, cos, sin, L, right, keep, trim=0):
         ew, eps = self._ew, self.config.eps
         shift, scale, gate, c_shift, c_scale, c_gate = (blk.scale_shift_table + tproj).chunk(6, dim=1)
         x = ew["modulate"](h, shift, scale, eps)
@@ -315,14 +241,14 @@ class WanStage(nn.Module):
         rk = None
         if right is not None:
             rk, rv = kvcache.load(right, v.dtype)
-            v = torch.cat([v, rv], dim=1)
+            v = ew["cat_tokens"](v, rv)
         lk = v.shape[1]
-        q = ew["rope_qk"](q, a.norm_q.weight, a.norm_q.eps, a.heads, cos[:, :L], sin[:, :L])
+        q = ew["rope_qk"](q[:, trim:], a.norm_q.weight, a.norm_q.eps, a.heads, cos[:, trim:L], sin[:, trim:L])
         k = ew["rope_qk"](k, a.norm_k.weight, a.norm_k.eps, a.heads, cos[:, :lk], sin[:, :lk], rk)
         v = v.unflatten(2, (a.heads, -1)).transpose(1, 2)
         o = attention(q, k, v, self.attention_backend)
         o = a.to_out[0](o.transpose(1, 2).flatten(2))
-        h = ew["gated_residual"](h, o, gate)
+        h = ew["gated_residual"](h[:, trim:] if trim else h, o, gate)  # from here on, the queries' tokens only
         # cross-attention with the job's precomputed text K/V (norm2 is an affine fp32 LayerNorm, or none)
         n2 = blk.norm2
         x = h if isinstance(n2, nn.Identity) else ew["affine_norm"](h, n2.weight, n2.bias, n2.eps)
@@ -359,31 +285,9 @@ class WanStage(nn.Module):
             del a.to_q, a.to_k, a.to_v
 
     def compile_elementwise(self) -> None:
-        """Fuse the fp32 norms/modulations, residuals and qk-norm+RoPE chains with torch.compile, and the FFN's GELU
+        """Fuse the fp32 norms/modulations, residuals and qk-norm+RoPE chains (chains.compiled), and the FFN's GELU
         into its first GEMM (GPU)."""
-        import torch._dynamo
-
-        # one graph per window shape (with/without right context, short last block, each resolution): allow many
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        # Inductor may time several launch configs of a reduction (block size, warps) on the GPU at its first call
-        # and keep the fastest; the configs sum in different orders, so the choice moves the last bits of every
-        # norm. On two H200s the second GPU's rope_qk kept another config than the first GPU's (its timing runs
-        # beside a spinning NCCL receive): 2 GPUs gave other latents than 1, and than each other (traced with
-        # benchmarks/trace_parity.py: identical inputs, different outputs). Picking the config without timing makes
-        # it a function of the shapes alone. Inductor's switches for that moved between versions, so set each one
-        # this torch has, and compile under deterministic algorithms, which the reduction-config filter of torch
-        # 2.11 and 2.13 (the versions read) also honours (see _deterministic_compiled).
-        import torch._inductor.config as inductor_config
-
-        det = os.environ.get("TORCHINDUCTOR_DETERMINISTIC") != "0"
-        if det:
-            for holder, name in ((inductor_config, "deterministic"),
-                                 (getattr(inductor_config, "test_configs", None), "force_filter_reduction_configs")):
-                if holder is not None and hasattr(holder, name):
-                    setattr(holder, name, True)
-            inductor_config.triton.autotune_pointwise = False
-        wrap = _deterministic_compiled if det else (lambda f: f)
-        self._ew = {k: wrap(torch.compile(f, dynamic=False)) for k, f in _ELEMENTWISE.items()}
+        self._ew = chains.compiled(self.device)
         self.ffn_epilogue = self.device.type == "cuda"
 
     # ------------------------------------------------------------------ head

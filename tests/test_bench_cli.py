@@ -25,7 +25,7 @@ def test_block_step_flops_equal_torchs_flop_counter():
     from dualparal_core.model import WanStage
 
     cfg = WanConfig(dim=256, ffn_dim=384, num_layers=2, num_heads=2, text_dim=64, freq_dim=32)
-    stage = WanStage(cfg, range(2), embed=False, head=False, attention_backend="sdpa_math")
+    stage = WanStage(cfg, range(2), embed=False, head=True, attention_backend="sdpa_math")
     stage.init_random(0)
     b, frames, gh, gw, text_tokens = 2, 3, 2, 4, 7
     lq, r = frames * gh * gw, gh * gw  # one frame of right context
@@ -34,8 +34,15 @@ def test_block_step_flops_equal_torchs_flop_counter():
     h, tproj = torch.randn(b, lq, cfg.dim, generator=g), torch.randn(b, 6, cfg.dim, generator=g)
     right = {i: (torch.randn(b, r, cfg.dim, generator=g), torch.randn(b, r, cfg.dim, generator=g)) for i in range(2)}
     with FlopCounterMode(display=False) as counter:
-        stage.blocks_forward(h, tproj, text, (frames, gh, gw), right=right, keep=(0, r))
+        stage.blocks_forward(h, tproj, text, (frames, gh, gw), right=dict(right), keep=(0, r))
     assert counter.get_total_flops() == block_step_flops(cfg, lq, lq + r, b, text=text_tokens)
+    # the stage with the head, told its window's own frames start at frame 1: the last layer's queries are those
+    with FlopCounterMode(display=False) as counter:
+        out, _ = stage.blocks_forward(h, tproj, text, (frames, gh, gw), right=dict(right), keep=(0, r), out_from=r)
+    assert out.shape[1] == lq - r
+    assert counter.get_total_flops() == block_step_flops(cfg, lq, lq + r, b, text=text_tokens, own=lq - r)
+    assert block_step_flops(cfg, lq, lq + r, b, text=text_tokens, own=lq - r) < block_step_flops(cfg, lq, lq + r, b,
+                                                                                                  text=text_tokens)
     # and the schedule's per-item counts use the window and right context of each block-step
     layout = BlockLayout(7, 2, 2)
     per_item = item_flops(cfg, layout, 2, gh * gw, b)

@@ -140,12 +140,12 @@ def _recording_engine(stage):
     phase = ["job"]
     inner_bf, inner_head, inner_pw = eng.model.blocks_forward, eng._head, eng._prewarm
 
-    def bf(h, tproj, text, grid, right=None, keep=None, expert=0):
+    def bf(h, tproj, text, grid, right=None, keep=None, expert=0, out_from=0):
         r = None if right is None else next(iter(right.values()))[0].shape
         kv = text.kv[0]  # (k, v), or one (k, v) per batch half when cond and uncond differ in length
         ts = tuple(kv[0].shape) if isinstance(kv[0], torch.Tensor) else tuple(tuple(p[0].shape) for p in kv)
-        calls[phase[0]].append(("layers", tuple(h.shape), tuple(grid), r, keep, ts, expert, h.shape[0]))
-        return inner_bf(h, tproj, text, grid, right=right, keep=keep, expert=expert)
+        calls[phase[0]].append(("layers", tuple(h.shape), tuple(grid), r, keep, out_from, ts, expert, h.shape[0]))
+        return inner_bf(h, tproj, text, grid, right=right, keep=keep, expert=expert, out_from=out_from)
 
     def head(item, h):
         calls[phase[0]].append(("head", tuple(h.shape), eng._window(item)))

@@ -106,9 +106,10 @@ class _Spy(Experts):
         super().__init__(stages, boundary)
         self.calls = []
 
-    def blocks_forward(self, h, tproj, text, grid, right=None, keep=None, expert=HIGH):
+    def blocks_forward(self, h, tproj, text, grid, right=None, keep=None, expert=HIGH, out_from=0):
         writer = None if right is None else right.pop("writer")
-        out, cache = super().blocks_forward(h, tproj, text, grid, right=right, keep=keep, expert=expert)
+        out, cache = super().blocks_forward(h, tproj, text, grid, right=right, keep=keep, expert=expert,
+                                            out_from=out_from)
         self.calls.append((expert, h.shape[0], writer, keep is not None))
         if cache is not None:
             cache["writer"] = expert

@@ -8,7 +8,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
-import dualparal_core.model as model_mod
+import dualparal_core.chains as chains_mod
 from dualparal_core.config import WanConfig
 from dualparal_core.model import WanStage
 
@@ -174,8 +174,29 @@ def test_compiled_elementwise_chains_equal_eager(ref_model):
     # caller's again afterwards
     assert not torch.are_deterministic_algorithms_enabled()
     seen = []
-    probe = model_mod._deterministic_compiled(lambda x: seen.append(torch.are_deterministic_algorithms_enabled()) or x)
+    probe = chains_mod.deterministic_compiled(lambda x: seen.append(torch.are_deterministic_algorithms_enabled()) or x)
     probe(h)
     assert seen == [True] and not torch.are_deterministic_algorithms_enabled()
     assert torch.utils.deterministic.fill_uninitialized_memory  # torch's default, restored
-    assert all(f.__qualname__.startswith("_deterministic_compiled") for f in st._ew.values())
+    assert all(f.__qualname__.startswith("deterministic_compiled") for f in st._ew.values())
+
+
+def test_the_head_stage_computes_only_its_own_frames_in_the_last_layer_with_the_same_values():
+    """out_from: the last layer of the stage with the head runs the left context as keys and values only. The own
+    frames' rows are the full window's rows bit for bit (attention, norms and GEMMs are row by row on CPU), the
+    kept K/V are the same, and a stage without the head ignores it (its output feeds the next stage whole)."""
+    cfg = WanConfig.tiny(dim=256, num_layers=3)
+    st = WanStage(cfg, range(3), embed=True, head=True)
+    st.init_random(0)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 4 * 12, cfg.dim, generator=g)
+    tp, _ = st.time_embed(torch.full((2,), 640.0))
+    text = st.prepare_text(torch.randn(2, 9, cfg.text_dim, generator=g))
+    full, c_full = st.blocks_forward(h, tp, text, (4, 3, 4), keep=(24, 12))
+    own, c_own = st.blocks_forward(h, tp, text, (4, 3, 4), keep=(24, 12), out_from=24)
+    assert own.shape == (2, 24, cfg.dim) and torch.equal(own, full[:, 24:])
+    assert all(torch.equal(c_full[i][j], c_own[i][j]) for i in c_full for j in range(2))
+    mid = WanStage(cfg, range(3), embed=True, head=False)
+    mid.init_random(0)
+    whole = mid.blocks_forward(h, tp, text, (4, 3, 4), out_from=24)[0]
+    assert whole.shape == (2, 48, cfg.dim) and torch.equal(whole, mid.blocks_forward(h, tp, text, (4, 3, 4))[0])

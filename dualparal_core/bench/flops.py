@@ -8,6 +8,10 @@ A multiply-add counts 2. Per transformer layer and batch element, a block-step w
 * self-attention ``Q·Kᵀ`` and ``P·V``: ``4 · lq · lk · d``;
 * cross-attention against the text: ``4 · lq · text · d``.
 
+The model's last layer computes the left-context tokens as keys and values only (the head reads the own frames):
+there, with ``own`` query tokens, the fused Q, K, V GEMM still runs on all ``lq`` tokens (``6·d²`` each) and the
+rest on ``own``: ``lq · 6·d² + own · (6·d² + 4·d·f) + 4 · own · lk · d + 4 · own · text · d``.
+
 Left out (each under 1 % at the real shapes, and the same for every row): the patch embedding and head, the time
 embedding and modulation tables, the text embedder and the cross-attention K/V of the text (computed once per
 job), norms, RoPE and the sampler. The right-context K/V are projected once, by the block that owns those frames,
@@ -24,11 +28,16 @@ TEXT_TOKENS = 512
 
 
 def block_step_flops(cfg: WanConfig, lq: int, lk: int, b: int, text: int = TEXT_TOKENS,
-                     layers: int | None = None) -> float:
-    """FLOPs of one block-step over ``layers`` layers (default: all) at batch ``b``."""
+                     layers: int | None = None, own: int | None = None) -> float:
+    """FLOPs of one block-step over ``layers`` layers (default: all) at batch ``b``; ``own``: the query tokens of
+    the last of them when it computes only the own frames' (None: all ``lq``)."""
     d, f = cfg.dim, cfg.ffn_dim
     n = cfg.num_layers if layers is None else layers
-    return float(n * b * (lq * (12 * d * d + 4 * d * f) + 4 * lq * lk * d + 4 * lq * text * d))
+
+    def layer(q: int) -> int:  # q query tokens; the fused Q, K, V GEMM on all lq
+        return lq * 6 * d * d + q * (6 * d * d + 4 * d * f) + 4 * q * lk * d + 4 * q * text * d
+
+    return float(b * ((n - 1) * layer(lq) + layer(lq if own is None else own)))
 
 
 def item_flops(cfg: WanConfig, layout: BlockLayout, steps: int, tokens_per_frame: int, b: int,
@@ -40,7 +49,8 @@ def item_flops(cfg: WanConfig, layout: BlockLayout, steps: int, tokens_per_frame
         s0, e0 = layout.input_span(it.block)
         lq = (e0 - s0) * tokens_per_frame
         lk = lq + it.right * tokens_per_frame  # keys of the next-newer block's first frames
-        out.append(block_step_flops(cfg, lq, lk, b if it.expert == 0 or b_low is None else b_low))
+        own = (layout.blocks[it.block][1] - layout.blocks[it.block][0]) * tokens_per_frame  # the last layer's queries
+        out.append(block_step_flops(cfg, lq, lk, b if it.expert == 0 or b_low is None else b_low, own=own))
     return out
 
 

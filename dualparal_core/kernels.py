@@ -1,0 +1,85 @@
+"""Hand-written GPU kernels (Triton) for the block-step's memory-bound chains where torch.compile's kernels fall far
+short of the memory bandwidth (docs/performance.md, "Where a block-step's time goes").
+
+:func:`rms_rope` is :func:`dualparal_core.chains.rope_qk` in one pass: Wan's RMSNorm across heads, the rotary
+embedding, and (for the keys) the right context appended, reading each input value once and writing each output
+value once. Measured at S1's shape on one H100, Inductor's kernels for the same chain took about 1.2 ms per layer
+for q and k together (five kernels, a separate one for the interleaving stack), about a fifth of the bandwidth.
+
+Used on CUDA ranks when Triton imports (:func:`available`); CPU ranks and the tests' references run the torch
+version in model.py. The kernel has one launch configuration (no autotuning): the same bits on every GPU of a
+kind, so N GPUs still give the same latents as one. It rounds once, at the end (the torch version rounds the
+normalised values to the compute dtype before the rotation): the two differ by the compute dtype's rounding.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+
+def available() -> bool:
+    """Whether Triton is installed here (it ships with PyTorch's CUDA wheels)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+_KERNEL = None
+
+
+def _kernel():
+    """Build the Triton kernel on first use (Triton is imported only where it is used)."""
+    global _KERNEL
+    if _KERNEL is not None:
+        return _KERNEL
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rms_rope_kernel(x_ptr, r_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, T, L, sxb, sxl, srb, srl, eps,
+                        D: tl.constexpr, HALF_HEAD: tl.constexpr, BLOCK: tl.constexpr):
+        # one program per token row (batch b, position t of the window's L tokens then the R right-context ones)
+        pid = tl.program_id(0).to(tl.int64)
+        b = pid // T
+        t = pid % T
+        p = tl.arange(0, BLOCK)  # pair index: elements 2p and 2p + 1 rotate together
+        m = p < D // 2
+        if t < L:
+            row = x_ptr + b * sxb + t * sxl
+        else:
+            row = r_ptr + b * srb + (t - L) * srl
+        e = tl.load(row + 2 * p, mask=m, other=0.0).to(tl.float32)
+        o = tl.load(row + 2 * p + 1, mask=m, other=0.0).to(tl.float32)
+        rs = 1.0 / tl.sqrt((tl.sum(e * e, axis=0) + tl.sum(o * o, axis=0)) / D + eps)
+        e = e * rs * tl.load(w_ptr + 2 * p, mask=m, other=0.0).to(tl.float32)
+        o = o * rs * tl.load(w_ptr + 2 * p + 1, mask=m, other=0.0).to(tl.float32)
+        j = p % HALF_HEAD  # the angle index within the head (every head rotates alike)
+        c = tl.load(cos_ptr + t * HALF_HEAD + j, mask=m, other=0.0)
+        s = tl.load(sin_ptr + t * HALF_HEAD + j, mask=m, other=0.0)
+        out = out_ptr + pid * D
+        tl.store(out + 2 * p, (e * c - o * s).to(out_ptr.dtype.element_ty), mask=m)
+        tl.store(out + 2 * p + 1, (e * s + o * c).to(out_ptr.dtype.element_ty), mask=m)
+
+    _KERNEL = (rms_rope_kernel, triton.next_power_of_2)
+    return _KERNEL
+
+
+def rms_rope(x: torch.Tensor, norm_w: torch.Tensor, eps: float, heads: int, cos: torch.Tensor, sin: torch.Tensor,
+             right: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`dualparal_core.chains.rope_qk` in one kernel: x [b, L, D] (last dim contiguous, e.g. a slice of the
+    fused QKV output), ``right`` [b, R, D] raw keys appended after it, cos/sin [1, >= L + R, 1, head_dim / 2]
+    float32 -> [b, heads, L + R, head_dim] (a view of a [b, L + R, D] tensor)."""
+    kernel, pow2 = _kernel()
+    b, L, D = x.shape
+    r = x if right is None else right
+    T = L + (0 if right is None else right.shape[1])
+    half = cos.shape[-1]
+    if x.stride(-1) != 1 or r.stride(-1) != 1 or D != 2 * half * heads or cos.shape[1] < T:
+        raise ValueError(f"rms_rope: x {tuple(x.shape)} (strides {x.stride()}), heads {heads}, cos "
+                         f"{tuple(cos.shape)} do not fit the kernel (contiguous last dims, D = heads x head_dim).")
+    out = torch.empty(b, T, D, dtype=x.dtype, device=x.device)
+    cs = cos.reshape(-1, half)
+    sn = sin.reshape(-1, half)
+    kernel[(b * T,)](x, r, norm_w, cs, sn, out, T, L, x.stride(0), x.stride(1), r.stride(0), r.stride(1),
+                     float(eps), D=D, HALF_HEAD=half, BLOCK=pow2(D // 2), num_warps=4)
+    return out.view(b, T, heads, D // heads).transpose(1, 2)
