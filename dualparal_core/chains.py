@@ -3,8 +3,9 @@ context's concatenation) in torch, and their fused versions for GPUs (:func:`com
 
 Each chain is one function of :data:`ELEMENTWISE`; a stage calls them through its ``_ew`` table, which holds these
 functions as they are (CPU ranks, the tests' exact reference) or :func:`compiled`'s: torch.compile'd, and on CUDA
-with Triton the qk-norm + RoPE chain as the hand-written kernel of :mod:`dualparal_core.kernels` (Inductor's kernels
-for it reach about a fifth of the memory bandwidth; docs/performance.md).
+with Triton the qk-norm + RoPE chain and the LayerNorm chains as the hand-written kernels of
+:mod:`dualparal_core.kernels` (Inductor's kernels for them fall far short of the memory bandwidth;
+docs/performance.md).
 """
 
 from __future__ import annotations
@@ -103,8 +104,8 @@ def deterministic_compiled(fn):
 
 def compiled(device: torch.device) -> dict:
     """:data:`ELEMENTWISE` fused for ``device``: each chain torch.compile'd (deterministic launch configs, below),
-    and on CUDA with Triton ``rope_qk`` as :func:`dualparal_core.kernels.rms_rope` (DUALPARAL_TRITON=0: compiled
-    like the others)."""
+    and on CUDA with Triton ``rope_qk`` and the LayerNorm chains as the kernels of :mod:`dualparal_core.kernels`
+    (DUALPARAL_TRITON=0: compiled like the others)."""
     import torch._dynamo
 
     # one graph per window shape (with/without right context, short last block, each resolution): allow many
@@ -131,5 +132,6 @@ def compiled(device: torch.device) -> dict:
     from . import kernels
 
     if device.type == "cuda" and kernels.available() and os.environ.get("DUALPARAL_TRITON") != "0":
-        ew["rope_qk"] = kernels.rms_rope  # one launch config: the same bits on every GPU of a kind
+        for name in ("rope_qk", "modulate", "add_modulate", "affine_norm"):  # one launch config each: the same
+            ew[name] = getattr(kernels, "rms_rope" if name == "rope_qk" else name)  # bits on every GPU of a kind
     return ew

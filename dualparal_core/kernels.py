@@ -6,10 +6,15 @@ embedding, and (for the keys) the right context appended, reading each input val
 value once. Measured at S1's shape on one H100, Inductor's kernels for the same chain took about 1.2 ms per layer
 for q and k together (five kernels, a separate one for the interleaving stack), about a fifth of the bandwidth.
 
+:func:`modulate`, :func:`add_modulate` and :func:`affine_norm` are the LayerNorm chains of the same names in
+chains.py (adaLN modulation, the cross-attention's residual + the FFN's modulation, the cross-attention's affine
+norm), one pass each: Inductor's reduction kernels for them moved 1.2 to 1.8 TB/s at S1's shape on an H100.
+
 Used on CUDA ranks when Triton imports (:func:`available`); CPU ranks and the tests' references run the torch
 version in model.py. The kernel has one launch configuration (no autotuning): the same bits on every GPU of a
 kind, so N GPUs still give the same latents as one. It rounds once, at the end (the torch version rounds the
 normalised values to the compute dtype before the rotation): the two differ by the compute dtype's rounding.
+The LayerNorm chains round where the torch versions do (the residual sum to the compute dtype, the result).
 """
 
 from __future__ import annotations
@@ -60,7 +65,34 @@ def _kernel():
         tl.store(out + 2 * p, (e * c - o * s).to(out_ptr.dtype.element_ty), mask=m)
         tl.store(out + 2 * p + 1, (e * s + o * c).to(out_ptr.dtype.element_ty), mask=m)
 
-    _KERNEL = (rms_rope_kernel, triton.next_power_of_2)
+    @triton.jit
+    def ln_kernel(h_ptr, o_ptr, hout_ptr, x_ptr, shift_ptr, scale_ptr, w_ptr, b_ptr, L, shb, shl, sob, sol, smb, eps,
+                  D: tl.constexpr, BLOCK: tl.constexpr, HAS_O: tl.constexpr, AFFINE: tl.constexpr,
+                  MOD: tl.constexpr):
+        # one program per token row: [h + o, rounded and stored] -> LayerNorm in float32 -> [affine] -> [adaLN]
+        pid = tl.program_id(0).to(tl.int64)
+        b = pid // L
+        t = pid % L
+        c = tl.arange(0, BLOCK)
+        m = c < D
+        v = tl.load(h_ptr + b * shb + t * shl + c, mask=m, other=0.0).to(tl.float32)
+        if HAS_O:  # the residual sum, in the compute dtype as the torch chain keeps it
+            v = (v + tl.load(o_ptr + b * sob + t * sol + c, mask=m, other=0.0).to(tl.float32))
+            v = v.to(hout_ptr.dtype.element_ty)
+            tl.store(hout_ptr + pid * D + c, v, mask=m)
+            v = v.to(tl.float32)
+        mean = tl.sum(v, axis=0) / D
+        d = tl.where(m, v - mean, 0.0)
+        y = d / tl.sqrt(tl.sum(d * d, axis=0) / D + eps)
+        if AFFINE:
+            y = y * tl.load(w_ptr + c, mask=m, other=0.0).to(tl.float32) + tl.load(b_ptr + c, mask=m,
+                                                                                    other=0.0).to(tl.float32)
+        if MOD:
+            y = y * (1.0 + tl.load(scale_ptr + b * smb + c, mask=m, other=0.0)) + tl.load(shift_ptr + b * smb + c,
+                                                                                          mask=m, other=0.0)
+        tl.store(x_ptr + pid * D + c, y.to(x_ptr.dtype.element_ty), mask=m)
+
+    _KERNEL = (rms_rope_kernel, triton.next_power_of_2, ln_kernel)
     return _KERNEL
 
 
@@ -69,7 +101,7 @@ def rms_rope(x: torch.Tensor, norm_w: torch.Tensor, eps: float, heads: int, cos:
     """:func:`dualparal_core.chains.rope_qk` in one kernel: x [b, L, D] (last dim contiguous, e.g. a slice of the
     fused QKV output), ``right`` [b, R, D] raw keys appended after it, cos/sin [1, >= L + R, 1, head_dim / 2]
     float32 -> [b, heads, L + R, head_dim] (a view of a [b, L + R, D] tensor)."""
-    kernel, pow2 = _kernel()
+    kernel, pow2, _ = _kernel()
     b, L, D = x.shape
     r = x if right is None else right
     T = L + (0 if right is None else right.shape[1])
@@ -83,3 +115,41 @@ def rms_rope(x: torch.Tensor, norm_w: torch.Tensor, eps: float, heads: int, cos:
     kernel[(b * T,)](x, r, norm_w, cs, sn, out, T, L, x.stride(0), x.stride(1), r.stride(0), r.stride(1),
                      float(eps), D=D, HALF_HEAD=half, BLOCK=pow2(D // 2), num_warps=4)
     return out.view(b, T, heads, D // heads).transpose(1, 2)
+
+
+def _layer_norm(h, o, shift, scale, weight, bias, eps) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(h + o or None, the normalised rows) through one launch of the LayerNorm kernel."""
+    _, pow2, kernel = _kernel()
+    b, L, D = h.shape
+    if h.stride(-1) != 1 or (o is not None and (o.shape != h.shape or o.stride(-1) != 1)):
+        raise ValueError(f"LayerNorm kernel: h {tuple(h.shape)} / o {None if o is None else tuple(o.shape)} need "
+                         f"equal shapes with a contiguous last dim.")
+    if shift is not None and (shift.dtype != torch.float32 or shift.stride() != scale.stride()
+                              or shift.stride(-1) != 1):
+        raise ValueError("LayerNorm kernel: shift and scale must be float32 views with the same strides.")
+    x = torch.empty(b, L, D, dtype=h.dtype, device=h.device)
+    hout = torch.empty_like(x) if o is not None else None
+    dummy = h
+    kernel[(b * L,)](h, dummy if o is None else o, x if hout is None else hout, x,
+                     dummy if shift is None else shift, dummy if scale is None else scale,
+                     dummy if weight is None else weight, dummy if bias is None else bias,
+                     L, h.stride(0), h.stride(1), *((0, 0) if o is None else (o.stride(0), o.stride(1))),
+                     0 if shift is None else shift.stride(0), float(eps), D=D, BLOCK=pow2(D),
+                     HAS_O=o is not None, AFFINE=weight is not None, MOD=shift is not None, num_warps=8)
+    return hout, x
+
+
+def modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """:func:`dualparal_core.chains.modulate` in one pass."""
+    return _layer_norm(h, None, shift, scale, None, None, eps)[1]
+
+
+def add_modulate(h: torch.Tensor, o: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`dualparal_core.chains.add_modulate` in one pass: (h + o, its modulated LayerNorm)."""
+    return _layer_norm(h, o, shift, scale, None, None, eps)
+
+
+def affine_norm(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """:func:`dualparal_core.chains.affine_norm` in one pass."""
+    return _layer_norm(h, None, None, None, weight, bias, eps)[1]
