@@ -93,9 +93,9 @@ class RankEngine:
         self.grid_hw = (job.shape[3] // ph, job.shape[4] // pw)
         self._tcache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._right = None
-        cfg, elem = self.model.config, torch.finfo(self.model.dtype).bits // 8  # an offloaded cache must fit the host
-        kvcache.check_host_memory(self.model.stages[0].kv_keep, sc.num_cat * self.hw * 2 * max(self.batch)
-                                  * len(self.model.layers) * cfg.dim * elem, self.world if self.pipe else 1)
+        elem = torch.finfo(self.model.dtype).bits // 8  # an offloaded cache (k and v per layer) must fit the host
+        kvcache.check_host_memory(self.model.stages[0].kv_keep, sc.num_cat * self.hw * max(self.batch) * elem
+                                  * self.model.config.dim, 2 * len(self.model.layers), self.world if self.pipe else 1)
 
     def _temb(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Modulation for a step's timestep (sigma * 1000), computed once per job and step on every rank."""

@@ -138,14 +138,15 @@ class Pacer:
             self.events.popleft().synchronize()
 
 
-def check_host_memory(keeper, cache_bytes: int, ranks_here: int) -> None:
-    """Before a job's GPU work: an offloaded cache of ``cache_bytes`` on this rank (``ranks_here`` ranks of the
-    group share this host and hold about as much each) must fit in the host's available memory, with a quarter of
-    it left for everything else; else a ValueError that says what would fit."""
-    if keeper is not HostEntry or not cache_bytes:
+def check_host_memory(keeper, tensor_bytes: int, tensors: int, ranks_here: int) -> None:
+    """Before a job's GPU work: an offloaded cache of ``tensors`` tensors of ``tensor_bytes`` each on this rank
+    (``ranks_here`` ranks of the group share this host and hold about as much each) must fit in the host's available
+    memory, with a quarter of it left for everything else; else a ValueError that says what would fit. PyTorch's
+    pinned-memory allocator rounds each block up to a power of two, so that is what is counted."""
+    if keeper is not HostEntry or not tensor_bytes:
         return
     avail = _available_host_bytes()
-    need = cache_bytes * ranks_here
+    need = (1 << (tensor_bytes - 1).bit_length()) * tensors * ranks_here
     if avail is not None and need > 0.75 * avail:
         raise ValueError(f"kv_cache='offload' keeps this job's right-context cache in pinned host memory: "
                          f"{need / 2**30:.1f} GiB ({ranks_here} rank(s) on this host), and this host has "
