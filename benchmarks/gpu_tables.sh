@@ -27,6 +27,11 @@
 #                                           # n1-table's block-step profile
 #   bash benchmarks/gpu_tables.sh n1-len    # one GPU: the bench at 72 and 257 latent frames (issue 15's length
 #                                           # goal), after the block-step before the kernel changes (.old/)
+#   bash benchmarks/gpu_tables.sh n1-kern   # one GPU: the block-step with the Triton kernels, beside Inductor's
+#                                           # rope, fa3_fp8, the offloaded and fp8 caches (sync check, traces),
+#                                           # the block-step before (.old/), and the GPU tests of this work
+#   bash benchmarks/gpu_tables.sh n1-kv     # one GPU, the bench: S1 with fa3, fa3_fp8, and fa3 with the
+#                                           # offloaded and the fp8 context cache (time, peak, latent error)
 #
 # Every DualParal row runs through the product's WorkerPool (benchmarks/shipped.py): QKV always fused, the chains
 # compiled unless --no-compile. Rows measured before 2026-12-06 used the benchmark's own launcher (README).
@@ -127,7 +132,20 @@ n1-len)
     [ -d .old ] && (cd .old && step prof_old 100 "$PY" benchmarks/profile_step.py --backends fa3 --json "$OUT/prof_old.json")
     step bench_len 480 $B --frames 72 257 --attention ${FA:-sdpa} --no-baseline --timeout 420 --json "$OUT/bench_len.json"
     tail -5 "$OUT/prof_old.log"; tail -12 "$OUT/bench_len.log" ;;
+n1-kern)
+    step prof 240 "$PY" benchmarks/profile_step.py --backends fa3 fa3_fp8 --kv-cache offload fp8 --inductor-rope \
+        --sync-debug --trace "$OUT/trace" --json "$OUT/prof.json"
+    [ -d .old ] && (cd .old && step prof_old 100 "$PY" benchmarks/profile_step.py --backends fa3 --json "$OUT/prof_old.json")
+    gzip -f "$OUT"/trace/*.json 2>/dev/null
+    step gputests 200 "$PY" -m pytest -q -p no:cacheprovider -m "gpu or multi_gpu" tests/test_kvcache.py \
+        tests/test_kernels.py tests/test_gpu.py
+    grep -v "^\[DualParal\]\|Warning\|_warn_once\|^ *gap" "$OUT/prof.log" | tail -30; grep "gap" "$OUT/prof.log" | head -14
+    tail -2 "$OUT/prof_old.log"; tail -15 "$OUT/gputests.log" ;;
+n1-kv)
+    step bench_kv 540 $B --frames 72 --attention ${FA:-sdpa} ${FA:+fa3_fp8} --kv-cache offload fp8 --no-baseline \
+        --timeout 150 --json "$OUT/bench_kv.json"
+    grep -v "^\[DualParal\]" "$OUT/bench_kv.log" | tail -12 ;;
 n1-length)
     step len 560 $S1 --world 1 --frames 257 --attention fa3 --timeout 540 --json "$OUT/len.json" ;;
-*) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+*) sed -n '2,/^set -u/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
