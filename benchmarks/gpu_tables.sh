@@ -32,6 +32,9 @@
 #                                           # the block-step before (.old/), and the GPU tests of this work
 #   bash benchmarks/gpu_tables.sh n1-kv     # one GPU, the bench: S1 with fa3, fa3_fp8, and fa3 with the
 #                                           # offloaded and the fp8 context cache (time, peak, latent error)
+#   bash benchmarks/gpu_tables.sh n1-short  # the two above in one 10-minute window: the GPU tests of the kernels
+#                                           # and the cache, the block-step (fa3, Inductor's rope, offload; .old/),
+#                                           # S1 with fa3 and the offloaded and fp8 caches
 #
 # Every DualParal row runs through the product's WorkerPool (benchmarks/shipped.py): QKV always fused, the chains
 # compiled unless --no-compile. Rows measured before 2026-12-06 used the benchmark's own launcher (README).
@@ -145,6 +148,17 @@ n1-kv)
     step bench_kv 540 $B --frames 72 --attention ${FA:-sdpa} ${FA:+fa3_fp8} --kv-cache offload fp8 --no-baseline \
         --timeout 150 --json "$OUT/bench_kv.json"
     grep -v "^\[DualParal\]" "$OUT/bench_kv.log" | tail -12 ;;
+n1-short)
+    step gputests 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py tests/test_kvcache.py
+    tail -4 "$OUT/gputests.log"
+    step prof 150 "$PY" benchmarks/profile_step.py --backends fa3 --kv-cache offload --inductor-rope --sync-debug \
+        --trace "$OUT/trace" --json "$OUT/prof.json"
+    grep -v "^\[DualParal\]\|Warning\|_warn_once" "$OUT/prof.log" | tail -24
+    [ -d .old ] && (cd .old && step prof_old 80 "$PY" benchmarks/profile_step.py --backends fa3 --json "$OUT/prof_old.json")
+    tail -1 "$OUT/prof_old.log"; gzip -f "$OUT"/trace/*.json 2>/dev/null
+    step bench_kv 330 $B --frames 72 --attention ${FA:-sdpa} --kv-cache offload fp8 --no-baseline --timeout 105 \
+        --json "$OUT/bench_kv.json"
+    grep -v "^\[DualParal\]" "$OUT/bench_kv.log" | tail -8 ;;
 n1-length)
     step len 560 $S1 --world 1 --frames 257 --attention fa3 --timeout 540 --json "$OUT/len.json" ;;
 *) sed -n '2,/^set -u/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 2 ;;
