@@ -5,7 +5,8 @@
     python benchmarks/profile_step.py --backends fa3 fa3_fp8 --matmul fp8   # + each backend with fp8 GEMMs
 
 The window is S1's steady block-step: K + P = 16 latent frames at 480x832 (24,960 tokens), the next-newer block's
-first K = 8 frames as right context (keys 37,440), batch 2 (CFG), keeping K frames' K/V for the older neighbour.
+first K = 8 frames as right context (keys 37,440), batch 2 (CFG), keeping K frames' K/V for the older neighbour,
+the last layer computing the own frames' queries only (as the engine's head stage does; --full-last-layer: all).
 Prints, per variant: the block-step's median time (CUDA events, after warm-up), its FLOP rate (formula of
 docs/performance.md), and the GPU time per kernel group (GEMM, attention, compiled elementwise, other elementwise,
 copies, norms) with the share of the wall time that no kernel covered (host overhead / launch gaps), and the
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from dualparal_core import kvcache  # noqa: E402
+from dualparal_core.bench.flops import block_step_flops  # noqa: E402
 from dualparal_core.config import WanConfig  # noqa: E402
 from dualparal_core.model import WanStage  # noqa: E402
 
@@ -48,11 +50,6 @@ def group_of(name: str) -> str:
         if any(k in name for k in keys):
             return g
     return "other"
-
-
-def block_step_flops(cfg: WanConfig, lq: int, lk: int, b: int, text: int = 512) -> float:
-    d, f = cfg.dim, cfg.ffn_dim
-    return cfg.num_layers * b * (lq * (12 * d * d + 4 * d * f) + 4 * lq * lk * d + 4 * lq * text * d)
 
 
 def build(args, backend: str, matmul: str = "bf16") -> WanStage:
@@ -94,7 +91,11 @@ def run_once(st, inp):
     if not hasattr(st, "_right_entries"):  # the right context as the stage's cache mode keeps it (reusable)
         st._right_entries = {i: st.kv_keep(rk, rv) for i in st.layers}
     right = dict(st._right_entries)
-    return st.blocks_forward(h, tproj, text, grid, right=right, keep=keep)
+    out_from = keep[0] if OWN_ONLY[0] else 0  # the engine's last layer: the own frames' queries (keep[0] = K frames)
+    return st.blocks_forward(h, tproj, text, grid, right=right, keep=keep, out_from=out_from)
+
+
+OWN_ONLY = [True]  # --full-last-layer: False
 
 
 def sync(dev):
@@ -203,9 +204,12 @@ def main() -> None:
     p.add_argument("--inductor-rope", action="store_true",
                    help="also run the first backend with the qk-norm + RoPE chain compiled by Inductor "
                         "(DUALPARAL_TRITON=0) instead of the Triton kernel (dualparal_core/kernels.py)")
+    p.add_argument("--full-last-layer", action="store_true",
+                   help="the last layer computes every query (before 2026-12-07) instead of the own frames' only")
     p.add_argument("--sync-debug", action="store_true", help="list the host synchronisations of one block-step")
     p.add_argument("--trace", default=None, metavar="DIR", help="write each variant's chrome trace here")
     args = p.parse_args()
+    OWN_ONLY[0] = not args.full_last_layer
     if args.backends is None:
         from dualparal_core.attention import fa3_available
 
@@ -223,7 +227,8 @@ def main() -> None:
         kv = "exact" if kv == "inductor" else kv
         st.kv_keep = kvcache.KEEPERS[kv]
         inp = inputs(st, args)
-        fl = block_step_flops(st.config, inp[7], inp[8], 2)
+        own = inp[7] - inp[5][0] if OWN_ONLY[0] else None
+        fl = block_step_flops(st.config, inp[7], inp[8], 2, own=own)
         time_steps(st, inp, 2)  # warm-up: compiles, cuBLAS handles, FA3 module load
         ts = time_steps(st, inp, args.reps)
         med = statistics.median(ts)
