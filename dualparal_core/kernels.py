@@ -29,14 +29,20 @@ def available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-_KERNEL = None
+_KERNEL = None  # (rms_rope_kernel, next_power_of_2, ln_kernel), built on first use
 
 
 def _kernel():
-    """Build the Triton kernel on first use (Triton is imported only where it is used)."""
+    """The Triton kernels, built on first use (Triton is imported only where it is used)."""
     global _KERNEL
-    if _KERNEL is not None:
-        return _KERNEL
+    if _KERNEL is None:
+        import triton
+
+        _KERNEL = (_build_rms_rope(), triton.next_power_of_2, _build_layer_norm())
+    return _KERNEL
+
+
+def _build_rms_rope():
     import triton
     import triton.language as tl
 
@@ -65,6 +71,13 @@ def _kernel():
         tl.store(out + 2 * p, (e * c - o * s).to(out_ptr.dtype.element_ty), mask=m)
         tl.store(out + 2 * p + 1, (e * s + o * c).to(out_ptr.dtype.element_ty), mask=m)
 
+    return rms_rope_kernel
+
+
+def _build_layer_norm():
+    import triton
+    import triton.language as tl
+
     @triton.jit
     def ln_kernel(h_ptr, o_ptr, hout_ptr, x_ptr, shift_ptr, scale_ptr, w_ptr, b_ptr, L, shb, shl, sob, sol, smb, eps,
                   D: tl.constexpr, BLOCK: tl.constexpr, HAS_O: tl.constexpr, AFFINE: tl.constexpr,
@@ -92,8 +105,7 @@ def _kernel():
                                                                                           mask=m, other=0.0)
         tl.store(x_ptr + pid * D + c, y.to(x_ptr.dtype.element_ty), mask=m)
 
-    _KERNEL = (rms_rope_kernel, triton.next_power_of_2, ln_kernel)
-    return _KERNEL
+    return ln_kernel
 
 
 def rms_rope(x: torch.Tensor, norm_w: torch.Tensor, eps: float, heads: int, cos: torch.Tensor, sin: torch.Tensor,
