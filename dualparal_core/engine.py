@@ -93,9 +93,6 @@ class RankEngine:
         self.grid_hw = (job.shape[3] // ph, job.shape[4] // pw)
         self._tcache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._right = None
-        elem = torch.finfo(self.model.dtype).bits // 8  # an offloaded cache (k and v per layer) must fit the host
-        kvcache.check_host_memory(self.model.stages[0].kv_keep, sc.num_cat * self.hw * max(self.batch) * elem
-                                  * self.model.config.dim, 2 * len(self.model.layers), self.world if self.pipe else 1)
 
     def _temb(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Modulation for a step's timestep (sigma * 1000), computed once per job and step on every rank."""
@@ -391,4 +388,5 @@ class RankEngine:
 def run_single_process(stage: WanStage | Experts, job: Job, progress: ProgressFn | None = None,
                        cancelled: Callable[[], bool] | None = None) -> torch.Tensor:
     """The reference: the whole block schedule in one process on a stage (or expert pair) owning every layer."""
+    kvcache.check_job(stage, job, 1)  # an offloaded cache must fit the host (a pool checks on rank 0, recoverably)
     return RankEngine(stage).run_job(job, progress, cancelled)

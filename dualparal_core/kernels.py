@@ -119,8 +119,10 @@ def rms_rope(x: torch.Tensor, norm_w: torch.Tensor, eps: float, heads: int, cos:
     T = L + (0 if right is None else right.shape[1])
     half = cos.shape[-1]
     if x.stride(-1) != 1 or r.stride(-1) != 1 or D != 2 * half * heads or cos.shape[1] < T:
-        raise ValueError(f"rms_rope: x {tuple(x.shape)} (strides {x.stride()}), heads {heads}, cos "
-                         f"{tuple(cos.shape)} do not fit the kernel (contiguous last dims, D = heads x head_dim).")
+        raise ValueError(f"rms_rope: x {tuple(x.shape)} (strides {x.stride()}), right "
+                         f"{None if right is None else (tuple(right.shape), right.stride())}, heads {heads}, cos "
+                         f"{tuple(cos.shape)} for {T} tokens do not fit the kernel (contiguous last dims, D = heads x "
+                         f"head_dim, a table row per token); DUALPARAL_TRITON=0 runs the compiled torch chain.")
     out = torch.empty(b, T, D, dtype=x.dtype, device=x.device)
     cs = cos.reshape(-1, half)
     sn = sin.reshape(-1, half)
@@ -134,11 +136,13 @@ def _layer_norm(h, o, shift, scale, weight, bias, eps) -> tuple[torch.Tensor | N
     _, pow2, kernel = _kernel()
     b, L, D = h.shape
     if h.stride(-1) != 1 or (o is not None and (o.shape != h.shape or o.stride(-1) != 1)):
-        raise ValueError(f"LayerNorm kernel: h {tuple(h.shape)} / o {None if o is None else tuple(o.shape)} need "
-                         f"equal shapes with a contiguous last dim.")
+        raise ValueError(f"LayerNorm kernel: h {tuple(h.shape)} (strides {h.stride()}) / o "
+                         f"{None if o is None else (tuple(o.shape), o.stride())} need equal shapes with a contiguous "
+                         f"last dim; DUALPARAL_TRITON=0 runs the compiled torch chain.")
     if shift is not None and (shift.dtype != torch.float32 or shift.stride() != scale.stride()
                               or shift.stride(-1) != 1):
-        raise ValueError("LayerNorm kernel: shift and scale must be float32 views with the same strides.")
+        raise ValueError(f"LayerNorm kernel: shift ({shift.dtype}, strides {shift.stride()}) and scale ("
+                         f"{scale.dtype}, strides {scale.stride()}) must be float32 views with the same strides.")
     x = torch.empty(b, L, D, dtype=h.dtype, device=h.device)
     hout = torch.empty_like(x) if o is not None else None
     dummy = h

@@ -68,14 +68,17 @@ class HostEntry:
     the host allocator records the copies' events itself). On a CPU rank there is nothing to move: the entry holds
     its own copy, as ``exact`` does."""
 
-    __slots__ = ("k", "v", "device", "_back")
+    __slots__ = ("k", "v", "device", "_back", "_pinned")
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor):
-        self.device, self._back = k.device, None
+        self.device, self._back, self._pinned = k.device, None, 0
         kc, vc = k.contiguous(), v.contiguous()
         if k.device.type != "cuda":
             self.k, self.v = kc, vc
             return
+        self._pinned = _pinned_bytes(kc.numel() * kc.element_size()) + _pinned_bytes(vc.numel() * vc.element_size())
+        PINNED["live"] += self._pinned
+        PINNED["peak"] = max(PINNED["peak"], PINNED["live"])
         side = _copy_stream(k.device)
         side.wait_stream(torch.cuda.current_stream(k.device))
         with torch.cuda.stream(side):
@@ -83,6 +86,9 @@ class HostEntry:
             self.v = torch.empty(vc.shape, dtype=vc.dtype, pin_memory=True).copy_(vc, non_blocking=True)
         kc.record_stream(side)
         vc.record_stream(side)
+
+    def __del__(self):
+        PINNED["live"] -= self._pinned
 
     @property
     def nbytes(self) -> int:
@@ -138,24 +144,73 @@ class Pacer:
             self.events.popleft().synchronize()
 
 
+def _pinned_bytes(nbytes: int) -> int:
+    """What PyTorch's pinned-memory allocator takes for a block: its size rounded up to a power of two."""
+    return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
+
+
+#: Pinned bytes this process's HostEntries hold now and at most so far. PyTorch keeps freed pinned blocks cached
+#: for reuse (never returned to the system while the process lives), so the most ever held is still ours: the
+#: host-memory check counts it as available to the next job.
+PINNED = {"live": 0, "peak": 0}
+
+
+def job_cache(model, shape: tuple[int, ...], num_cat: int, batch: int) -> tuple[int, int]:
+    """(bytes of one kept tensor, kept tensors on this rank) of a job's right-context cache: ``model`` a WanStage or
+    an expert pair, ``shape`` the job's latent [B, C, T, H, W], ``batch`` 2 with CFG."""
+    cfg = model.config
+    _, ph, pw = cfg.patch_size
+    hw = (shape[3] // ph) * (shape[4] // pw)
+    elem = torch.finfo(model.dtype).bits // 8
+    return num_cat * hw * batch * cfg.dim * elem, 2 * len(model.layers)
+
+
 def check_host_memory(keeper, tensor_bytes: int, tensors: int, ranks_here: int) -> None:
     """Before a job's GPU work: an offloaded cache of ``tensors`` tensors of ``tensor_bytes`` each on this rank
     (``ranks_here`` ranks of the group share this host and hold about as much each) must fit in the host's available
-    memory, with a quarter of it left for everything else; else a ValueError that says what would fit. PyTorch's
-    pinned-memory allocator rounds each block up to a power of two, so that is what is counted."""
+    memory plus the pinned memory these ranks already hold, with a quarter left for everything else; else a
+    ValueError that says what would fit. Each block is counted as the pinned allocator takes it (a power of two)."""
     if keeper is not HostEntry or not tensor_bytes:
         return
     avail = _available_host_bytes()
-    need = (1 << (tensor_bytes - 1).bit_length()) * tensors * ranks_here
-    if avail is not None and need > 0.75 * avail:
+    if avail is None:
+        return
+    need = _pinned_bytes(tensor_bytes) * tensors * ranks_here
+    have = avail + PINNED["peak"] * ranks_here
+    if need > 0.75 * have:
         raise ValueError(f"kv_cache='offload' keeps this job's right-context cache in pinned host memory: "
                          f"{need / 2**30:.1f} GiB ({ranks_here} rank(s) on this host), and this host has "
-                         f"{avail / 2**30:.1f} GiB available. Choose kv_cache='exact' (GPU memory) or 'fp8' (half "
+                         f"{have / 2**30:.1f} GiB for it. Choose kv_cache='exact' (GPU memory) or 'fp8' (half "
                          f"the bytes), a smaller num_cat, fewer pixels, or free host memory.")
 
 
+def check_job(model, job, world: int) -> None:
+    """:func:`check_host_memory` for ``job`` on a rank holding ``model`` in a group of ``world`` ranks (those on this
+    host: LOCAL_WORLD_SIZE under torchrun, else all of them)."""
+    import os
+
+    if len(job.shape) != 5:  # not a video latent: the job's own validation names it
+        return
+    sc = job.sampling
+    size, tensors = job_cache(model, tuple(job.shape), sc.num_cat, 2 if sc.use_cfg else 1)
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    keeper = getattr(model, "stages", (model,))[0].kv_keep  # a stage, or an expert pair (experts.Experts)
+    check_host_memory(keeper, size, tensors, max(1, min(here, world)))
+
+
 def _available_host_bytes() -> int | None:
-    """MemAvailable of /proc/meminfo (Linux), else None (not checked)."""
+    """MemAvailable of /proc/meminfo (Linux), else None (not checked); at most DUALPARAL_HOST_MEMORY_CAP_GIB when
+    that is set (emulating a smaller host, as DUALPARAL_MEMORY_CAP_GIB emulates a smaller GPU)."""
+    import os
+
+    cap = os.environ.get("DUALPARAL_HOST_MEMORY_CAP_GIB")
+    if cap:
+        real = _meminfo_available()
+        return int(float(cap) * 2**30) if real is None else min(real, int(float(cap) * 2**30))
+    return _meminfo_available()
+
+
+def _meminfo_available() -> int | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:

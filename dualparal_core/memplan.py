@@ -7,7 +7,8 @@ held in). The rest are estimates of what is alive at a rank's peak, the last lay
   ``2 · b · 512 · dim · bytes · layers`` (umt5 pads prompts to 512 tokens);
 - right-context cache: ``K · tokens per frame · dim · 2 (k, v) · b · layers · bytes`` (one cache is alive: the
   engine releases the one it reads layer by layer while it builds the next); with ``kv_cache="offload"`` that is
-  host memory (``host``, not in the GPU total) and the GPU holds ``OFFLOAD_LAYERS`` layers of it (the slices on
+  pinned host memory (``host``, not in the GPU total; each kept tensor rounded up to a power of two, as PyTorch's
+  pinned allocator takes it) and the GPU holds ``OFFLOAD_LAYERS`` layers of it (the slices on
   their way out and in while the host runs at most two layers ahead, kvcache.Pacer);
 - activations of one layer on a window of ``(P + K) · tokens per frame`` tokens: ``b · L · dim · (8 + 13 · bytes)``
   — calibrated on the eager CPU layer (peak RSS of one layer at 1280 wide, f/d 2.7: about 31 bytes per
@@ -94,8 +95,10 @@ def plan_rank(config: WanConfig, layers: range, *, embed: bool, head: bool, dtyp
     tokens = TEXT_TOKENS + ((config.image_pos_len or 257) if config.image_dim is not None else 0)  # + CLIP-vision
     text = sum(2 * bb * tokens * d * es * n for bb in batches)
     cache = frames_k * tpf * 2 * b * n * ((d + 4) if kv_cache == "fp8" else d * es)
-    host = cache if kv_cache == "offload" else 0
-    if host:
+    host = 0
+    if kv_cache == "offload":  # pinned blocks are rounded up to a power of two, one per kept k or v tensor
+        tensor = frames_k * tpf * b * d * es
+        host = (1 << (tensor - 1).bit_length()) * 2 * n
         cache = cache // n * min(n, OFFLOAD_LAYERS)
     unit = b * (frames_p + frames_k) * tpf * d  # elements of one window's hidden states
     act = unit * (ACT_BASE + ACT_PER_BYTE * es)

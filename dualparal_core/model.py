@@ -223,6 +223,8 @@ class WanStage(nn.Module):
             h, kv = self._layer(self.blocks[str(i)], h, tproj, (text.kv[i], img), cos, sin, L, r, keep, trim)
             if cache is not None:
                 cache[i] = kv
+        if cache:  # offload: the next block-step's first layer need not wait for its context to come back
+            kvcache.prefetch(next(iter(cache.values())))
         return h, cache
 
     def _layer(self, blk, h, tproj, text_kv, cos, sin, L, right, keep, trim=0):

@@ -26,7 +26,7 @@ WEIGHTS_TOOLTIP = ("dequant: weights held in dtype (fp8 files dequantised at loa
 KV_CACHE_TOOLTIP = ("exact: the context K/V each block keeps for its neighbour stay on the GPU in dtype. offload: "
                     "the same values in the computer's RAM (pinned), a few layers of them on the GPU at a time: the "
                     "largest item of memory nearly gone (1.3B at 480x832: 4.3 GiB per GPU, 14B: 19 GiB on one GPU), "
-                    "as much RAM used instead, the same video. fp8: kept in fp8 with a scale per token, half the "
+                    "RAM used instead (the cache rounded up per block: 7.5 GiB for 1.3B at 480x832), the same video. fp8: kept in fp8 with a scale per token, half the "
                     "memory (1.3B: 4.3 -> 2.1 GiB, 14B: 19 -> 9.6 GiB on one GPU); the context frames' keys and "
                     "values are rounded (less exact).")
 

@@ -45,8 +45,7 @@ def _check(device, dtype, tol):
     return err, ref, k, rk, wt, cos, sin, cfg
 
 
-@pytest.mark.skipif(not HAS_TRITON or GPU, reason="needs Triton without a GPU (Triton ships with PyTorch's CUDA "
-                                                  "wheels, not its CPU ones; on a GPU the gpu tier runs the kernel)")
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (it ships with PyTorch's CUDA wheels, not its CPU ones)")
 def test_the_kernel_computes_the_torch_chain_in_triton_s_interpreter(monkeypatch):
     """float32 on CPU: the kernel does the chain's arithmetic in float32 throughout, so it is within float32's
     rounding (a few 1e-7 on values of order 1 to 10) of the float64 chain."""
@@ -84,7 +83,7 @@ def _check_layer_norms(device, dtype, tol):
     return pairs
 
 
-@pytest.mark.skipif(not HAS_TRITON or GPU, reason="needs Triton without a GPU (see above)")
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (see above)")
 def test_the_layer_norm_kernels_compute_the_torch_chains_in_triton_s_interpreter(monkeypatch):
     from dualparal_core import kernels
 
@@ -132,7 +131,8 @@ def test_a_compiled_gpu_stage_uses_the_kernel_and_stays_within_bf16_of_the_torch
     st.compile_elementwise()
     assert st._ew["rope_qk"] is kernels.rms_rope and st._ew["add_modulate"] is kernels.add_modulate
     got, cache = st.blocks_forward(h, tp, text, (4, 3, 4), keep=(24, 24))
-    got_r, _ = st.blocks_forward(h, tp, text, (4, 3, 4), right=cache)
+    got_r, _ = st.blocks_forward(h, tp, text, (4, 3, 4), right=cache, out_from=24)  # the head stage's own rows
+    want_r = want_r[:, 24:]
     for a, b in ((got, want), (got_r, want_r)):  # bf16 chains rounded in other places: a few 2**-8
         rel = float((a.float() - b.float()).norm() / b.float().norm())
         assert rel < 2e-2, rel

@@ -83,7 +83,9 @@ def test_the_kept_bytes_are_what_the_memory_plan_says(mode):
                       tpf=gh * gw)
     if mode == "offload":
         assert all(isinstance(e, kvcache.HostEntry) for e in cache.values())
-        assert kept == plan.host == exact.cache
+        assert kept == exact.cache  # the same values as the exact cache, held elsewhere
+        pinned = sum(kvcache._pinned_bytes(t.numel() * t.element_size()) for e in cache.values() for t in (e.k, e.v))
+        assert plan.host == pinned >= kept  # as the pinned allocator takes them: each rounded up to a power of two
         assert plan.cache == exact.cache // cfg.num_layers * OFFLOAD_LAYERS
         return
     assert kept == plan.cache and plan.host == 0
@@ -162,3 +164,58 @@ def test_an_offloaded_cache_that_does_not_fit_the_host_is_refused_before_the_job
     assert not calls  # refused before any block-step
     monkeypatch.undo()
     assert kvcache._available_host_bytes() > 2**20  # the real reading (Linux: /proc/meminfo)
+
+
+@pytest.mark.dist
+def test_in_a_pool_an_offloaded_cache_that_does_not_fit_is_a_recoverable_error(no_leftover_workers):
+    """Rank 0 checks a job's offloaded cache against the host (here capped at ~100 KiB by the benchmarks' switch
+    DUALPARAL_HOST_MEMORY_CAP_GIB) before any rank starts the job: the caller gets the sentence as a ValueError, and
+    the same workers then run a job whose cache fits (no context frames: nothing kept) as the exact cache does."""
+    import dataclasses
+
+    from dualparal_core.pool import WorkerPool
+
+    job = tiny_job("euler", steps=2)
+    pool = WorkerPool.start(tiny_spec(2, kv_cache="offload"), env={"DUALPARAL_HOST_MEMORY_CAP_GIB": "0.0001"})
+    try:
+        pids = list(pool.pids)
+        with pytest.raises(ValueError, match=r"kv_cache='offload' keeps this job's right-context cache in pinned "
+                                             r"host memory: .* \(2 rank\(s\) on this host\)"):
+            pool.generate(job)
+        no_ctx = dataclasses.replace(job, sampling=dataclasses.replace(job.sampling, num_cat=0))
+        out = pool.generate(no_ctx)
+        assert list(pool.pids) == pids  # the same workers
+    finally:
+        pool.close()
+    assert torch.equal(out, run_single_process(build_stage(tiny_spec(1), 0)[0], no_ctx))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (device machine only)")
+def test_on_a_gpu_the_offload_copies_wait_for_what_they_copy(monkeypatch):
+    """The streams' ordering under stress: every layer starts with a GPU sleep (the compute stream far behind the
+    host), and every copy back to the GPU starts with one on the copy stream. A copy out that did not wait for the
+    layer that computes the slice, or a layer that did not wait for the copy back, would read memory not yet
+    written; the offloaded block-steps must still give the exact cache's bits."""
+    cfg = WanConfig.tiny(num_layers=6)
+    real_layer, real_prefetch = WanStage._layer, kvcache.HostEntry.prefetch
+
+    def slow_layer(self, *a, **k):
+        torch.cuda._sleep(4_000_000)  # a few ms of GPU time
+        return real_layer(self, *a, **k)
+
+    def slow_prefetch(self):
+        if self.device.type == "cuda" and self._back is None:
+            with torch.cuda.stream(kvcache._copy_stream(self.device)):
+                torch.cuda._sleep(4_000_000)
+        return real_prefetch(self)
+
+    monkeypatch.setattr(WanStage, "_layer", slow_layer)
+    monkeypatch.setattr(kvcache.HostEntry, "prefetch", slow_prefetch)
+    outs = {}
+    for mode in ("exact", "offload"):
+        stage = WanStage(cfg, range(cfg.num_layers), embed=True, head=True, dtype=torch.bfloat16, device="cuda")
+        stage.init_random(0)
+        stage.kv_keep = kvcache.KEEPERS[mode]
+        outs[mode] = _two_block_steps(stage, frames=8, k_frames=4, gh=16, gw=16)[1].cpu()
+    assert torch.equal(outs["offload"], outs["exact"])

@@ -20,7 +20,7 @@ import time
 from multiprocessing.connection import wait
 from typing import NoReturn
 
-from .. import __version__, logger
+from .. import __version__, kvcache, logger
 from .. import protocol as proto
 from ..channel import dumps, loads
 from .decode import serve_decode
@@ -159,6 +159,7 @@ class Lead:
         if op == proto.OP_JOB:
             try:
                 msg["payload"].validate(self.r.stage.config)
+                kvcache.check_job(self.r.stage, msg["payload"], self.r.world)  # an offloaded cache must fit the host
             except ValueError as exc:
                 self.send(proto.OP_ERROR, recoverable=True, phase="sample", type="ValueError", message=str(exc))
                 return

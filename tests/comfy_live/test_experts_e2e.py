@@ -73,7 +73,7 @@ def test_new_inputs_are_optional_widgets(server):
     assert info["DualParalLoader"]["input_order"]["optional"] == ["loras", "low_noise_unet_name", "boundary",
                                                                   "weights", "kv_cache"]
     assert info["DualParalLoader"]["input"]["optional"]["weights"][1]["options"] == ["dequant", "fp8"]
-    assert info["DualParalLoader"]["input"]["optional"]["kv_cache"][1]["options"] == ["exact", "fp8"]
+    assert info["DualParalLoader"]["input"]["optional"]["kv_cache"][1]["options"] == ["exact", "offload", "fp8"]
     low = info["DualParalLoader"]["input"]["optional"]["low_noise_unet_name"]
     assert low[1]["options"][0] == "none" and MODEL_LOW in low[1]["options"] and low[1]["default"] == "none"
     assert info["DualParalLoader"]["input"]["optional"]["boundary"][1]["default"] == -1.0  # the model's own
