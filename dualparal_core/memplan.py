@@ -35,6 +35,11 @@ PIPE_KEPT = 4
 OFFLOAD_LAYERS = 4
 
 
+def pinned_bytes(nbytes: int) -> int:
+    """What PyTorch's pinned-memory allocator takes for a block of ``nbytes``: rounded up to a power of two."""
+    return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
+
+
 def tokens_per_frame(config: WanConfig, height: int = 480, width: int = 832) -> int:
     """Tokens of one latent frame at a pixel resolution (VAE stride 8, then the patch size)."""
     _, ph, pw = config.patch_size
@@ -97,8 +102,7 @@ def plan_rank(config: WanConfig, layers: range, *, embed: bool, head: bool, dtyp
     cache = frames_k * tpf * 2 * b * n * ((d + 4) if kv_cache == "fp8" else d * es)
     host = 0
     if kv_cache == "offload":  # pinned blocks are rounded up to a power of two, one per kept k or v tensor
-        tensor = frames_k * tpf * b * d * es
-        host = (1 << (tensor - 1).bit_length()) * 2 * n
+        host = pinned_bytes(frames_k * tpf * b * d * es) * 2 * n
         cache = cache // n * min(n, OFFLOAD_LAYERS)
     unit = b * (frames_p + frames_k) * tpf * d  # elements of one window's hidden states
     act = unit * (ACT_BASE + ACT_PER_BYTE * es)

@@ -12,7 +12,7 @@ from fault_helpers import tiny_job, tiny_spec
 from dualparal_core import kvcache
 from dualparal_core.config import ModelSource, PoolSpec, WanConfig
 from dualparal_core.engine import run_single_process
-from dualparal_core.memplan import plan_rank
+from dualparal_core.memplan import pinned_bytes, plan_rank
 from dualparal_core.model import WanStage
 from dualparal_core.runtime import build_stage
 
@@ -84,7 +84,7 @@ def test_the_kept_bytes_are_what_the_memory_plan_says(mode):
     if mode == "offload":
         assert all(isinstance(e, kvcache.HostEntry) for e in cache.values())
         assert kept == exact.cache  # the same values as the exact cache, held elsewhere
-        pinned = sum(kvcache._pinned_bytes(t.numel() * t.element_size()) for e in cache.values() for t in (e.k, e.v))
+        pinned = sum(pinned_bytes(t.numel() * t.element_size()) for e in cache.values() for t in (e.k, e.v))
         assert plan.host == pinned >= kept  # as the pinned allocator takes them: each rounded up to a power of two
         assert plan.cache == exact.cache // cfg.num_layers * OFFLOAD_LAYERS
         return
