@@ -35,6 +35,8 @@
 #   bash benchmarks/gpu_tables.sh n1-short  # the two above in one 10-minute window: the GPU tests of the kernels
 #                                           # and the cache, the block-step (fa3, Inductor's rope, offload; .old/),
 #                                           # S1 with fa3 and with the offloaded cache
+#   bash benchmarks/gpu_tables.sh n1-verify # the whole one-GPU test tier (pool, kernels, caches, fp8 GEMMs), then
+#                                           # S1 with fa3 beside the fp8 context cache (its time, peak, error)
 #
 # Every DualParal row runs through the product's WorkerPool (benchmarks/shipped.py): QKV always fused, the chains
 # compiled unless --no-compile. Rows measured before 2026-12-06 used the benchmark's own launcher (README).
@@ -159,6 +161,13 @@ n1-short)
     step bench_kv 320 $B --frames 72 --attention ${FA:-sdpa} --kv-cache offload --no-baseline --timeout 150 \
         --json "$OUT/bench_kv.json"
     grep -v "^\[DualParal\]" "$OUT/bench_kv.log" | tail -8 ;;
+n1-verify)
+    step gputests 300 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_kernels.py \
+        tests/test_kvcache.py tests/test_fp8_gemm.py
+    tail -6 "$OUT/gputests.log"
+    step bench_kv8 270 $B --frames 72 --attention ${FA:-sdpa} --kv-cache fp8 --no-baseline --timeout 130 \
+        --json "$OUT/bench_kv8.json"
+    grep -v "^\[DualParal\]" "$OUT/bench_kv8.log" | tail -6 ;;
 n1-length)
     step len 560 $S1 --world 1 --frames 257 --attention fa3 --timeout 540 --json "$OUT/len.json" ;;
 *) sed -n '2,/^set -u/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 2 ;;
