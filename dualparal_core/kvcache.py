@@ -24,6 +24,7 @@ An entry is a tuple, ``(k, v)`` (exact) or ``(k8, v8, k_scale, v_scale)`` (fp8),
 
 from __future__ import annotations
 
+import os
 from collections import deque
 
 import torch
@@ -184,8 +185,6 @@ def check_host_memory(keeper, tensor_bytes: int, tensors: int, ranks_here: int) 
 def check_job(model, job, world: int) -> None:
     """:func:`check_host_memory` for ``job`` on a rank holding ``model`` in a group of ``world`` ranks (those on this
     host: LOCAL_WORLD_SIZE under torchrun, else all of them)."""
-    import os
-
     if len(job.shape) != 5:  # not a video latent: the job's own validation names it
         return
     sc = job.sampling
@@ -198,8 +197,6 @@ def check_job(model, job, world: int) -> None:
 def _available_host_bytes() -> int | None:
     """MemAvailable of /proc/meminfo (Linux), else None (not checked); at most DUALPARAL_HOST_MEMORY_CAP_GIB when
     that is set (emulating a smaller host, as DUALPARAL_MEMORY_CAP_GIB emulates a smaller GPU)."""
-    import os
-
     cap = os.environ.get("DUALPARAL_HOST_MEMORY_CAP_GIB")
     if cap:
         real = _meminfo_available()
